@@ -1,0 +1,271 @@
+"""The compiled VFIO/iommufd binding, and names for the kernel's constants.
+
+``ffi`` and ``lib`` are cffi objects (typed ``Any`` by nature); everything
+above this module uses the enums here and the helpers in ``kernel.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from vfiopy._uapi_cffi import ffi as _ffi
+from vfiopy._uapi_cffi import lib as _lib
+
+ffi: Any = _ffi
+lib: Any = _lib
+
+CData = Any  # a cffi struct pointer or buffer
+
+PAGE_SIZE = 4096
+
+
+class Ioctl(enum.IntEnum):
+    """Every VFIO and iommufd ioctl request number, as the installed header gives it."""
+
+    GET_API_VERSION = lib.VFIO_GET_API_VERSION
+    CHECK_EXTENSION = lib.VFIO_CHECK_EXTENSION
+    SET_IOMMU = lib.VFIO_SET_IOMMU
+    GROUP_GET_STATUS = lib.VFIO_GROUP_GET_STATUS
+    GROUP_SET_CONTAINER = lib.VFIO_GROUP_SET_CONTAINER
+    GROUP_UNSET_CONTAINER = lib.VFIO_GROUP_UNSET_CONTAINER
+    GROUP_GET_DEVICE_FD = lib.VFIO_GROUP_GET_DEVICE_FD
+    DEVICE_GET_INFO = lib.VFIO_DEVICE_GET_INFO
+    DEVICE_GET_REGION_INFO = lib.VFIO_DEVICE_GET_REGION_INFO
+    DEVICE_GET_IRQ_INFO = lib.VFIO_DEVICE_GET_IRQ_INFO
+    DEVICE_SET_IRQS = lib.VFIO_DEVICE_SET_IRQS
+    DEVICE_RESET = lib.VFIO_DEVICE_RESET
+    DEVICE_GET_PCI_HOT_RESET_INFO = lib.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
+    DEVICE_PCI_HOT_RESET = lib.VFIO_DEVICE_PCI_HOT_RESET
+    DEVICE_IOEVENTFD = lib.VFIO_DEVICE_IOEVENTFD
+    DEVICE_FEATURE = lib.VFIO_DEVICE_FEATURE
+    DEVICE_BIND_IOMMUFD = lib.VFIO_DEVICE_BIND_IOMMUFD
+    DEVICE_ATTACH_IOMMUFD_PT = lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    DEVICE_DETACH_IOMMUFD_PT = lib.VFIO_DEVICE_DETACH_IOMMUFD_PT
+    IOMMU_GET_INFO = lib.VFIO_IOMMU_GET_INFO
+    IOMMU_MAP_DMA = lib.VFIO_IOMMU_MAP_DMA
+    IOMMU_UNMAP_DMA = lib.VFIO_IOMMU_UNMAP_DMA
+    IOMMU_ENABLE = lib.VFIO_IOMMU_ENABLE
+    IOMMU_DISABLE = lib.VFIO_IOMMU_DISABLE
+    IOMMUFD_DESTROY = lib.IOMMU_DESTROY
+    IOMMUFD_IOAS_ALLOC = lib.IOMMU_IOAS_ALLOC
+    IOMMUFD_IOAS_ALLOW_IOVAS = lib.IOMMU_IOAS_ALLOW_IOVAS
+    IOMMUFD_IOAS_IOVA_RANGES = lib.IOMMU_IOAS_IOVA_RANGES
+    IOMMUFD_IOAS_MAP = lib.IOMMU_IOAS_MAP
+    IOMMUFD_IOAS_UNMAP = lib.IOMMU_IOAS_UNMAP
+    IOMMUFD_OPTION = lib.IOMMU_OPTION
+
+
+# VFIO_IOMMU_GET_INFO/MAP/UNMAP share numbers with GET_PCI_HOT_RESET_INFO,
+# HOT_RESET and QUERY_GFX_PLANE (container fd versus device fd); IntEnum keeps
+# the first name for a value, so name lookups must go through the fd's kind.
+IOCTL_NAMES_CONTAINER = {
+    v: k for k, v in Ioctl.__members__.items() if not k.startswith(("DEVICE_", "GROUP_"))
+}
+IOCTL_NAMES_DEVICE = {
+    v: k for k, v in Ioctl.__members__.items() if k.startswith("DEVICE_")
+}
+
+
+def ioctl_name(request: int) -> str:
+    """A readable name for an ioctl request number (device names first)."""
+    for table in (IOCTL_NAMES_DEVICE, IOCTL_NAMES_CONTAINER):
+        if request in table:
+            return "VFIO_" + table[request] if not table[request].startswith("IOMMUFD_") else (
+                "IOMMU_" + table[request].removeprefix("IOMMUFD_")
+            )
+    for k, v in Ioctl.__members__.items():
+        if v == request:
+            return "VFIO_" + k
+    return hex(request)
+
+
+class IommuType(enum.IntEnum):
+    TYPE1 = lib.VFIO_TYPE1_IOMMU
+    SPAPR_TCE = lib.VFIO_SPAPR_TCE_IOMMU
+    TYPE1v2 = lib.VFIO_TYPE1v2_IOMMU
+    NOIOMMU = lib.VFIO_NOIOMMU_IOMMU
+
+
+class Extension(enum.IntEnum):
+    TYPE1_IOMMU = lib.VFIO_TYPE1_IOMMU
+    SPAPR_TCE_IOMMU = lib.VFIO_SPAPR_TCE_IOMMU
+    TYPE1v2_IOMMU = lib.VFIO_TYPE1v2_IOMMU
+    DMA_CC_IOMMU = lib.VFIO_DMA_CC_IOMMU
+    EEH = lib.VFIO_EEH
+    TYPE1_NESTING_IOMMU = lib.VFIO_TYPE1_NESTING_IOMMU
+    SPAPR_TCE_v2_IOMMU = lib.VFIO_SPAPR_TCE_v2_IOMMU
+    NOIOMMU_IOMMU = lib.VFIO_NOIOMMU_IOMMU
+    UNMAP_ALL = lib.VFIO_UNMAP_ALL
+    UPDATE_VADDR = lib.VFIO_UPDATE_VADDR
+
+
+class GroupFlag(enum.IntFlag):
+    VIABLE = lib.VFIO_GROUP_FLAGS_VIABLE
+    CONTAINER_SET = lib.VFIO_GROUP_FLAGS_CONTAINER_SET
+
+
+class DeviceFlag(enum.IntFlag):
+    RESET = lib.VFIO_DEVICE_FLAGS_RESET
+    PCI = lib.VFIO_DEVICE_FLAGS_PCI
+    PLATFORM = lib.VFIO_DEVICE_FLAGS_PLATFORM
+    AMBA = lib.VFIO_DEVICE_FLAGS_AMBA
+    CCW = lib.VFIO_DEVICE_FLAGS_CCW
+    AP = lib.VFIO_DEVICE_FLAGS_AP
+    FSL_MC = lib.VFIO_DEVICE_FLAGS_FSL_MC
+    CAPS = lib.VFIO_DEVICE_FLAGS_CAPS
+
+
+class RegionFlag(enum.IntFlag):
+    READ = lib.VFIO_REGION_INFO_FLAG_READ
+    WRITE = lib.VFIO_REGION_INFO_FLAG_WRITE
+    MMAP = lib.VFIO_REGION_INFO_FLAG_MMAP
+    CAPS = lib.VFIO_REGION_INFO_FLAG_CAPS
+
+
+class RegionCap(enum.IntEnum):
+    SPARSE_MMAP = lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP
+    TYPE = lib.VFIO_REGION_INFO_CAP_TYPE
+    MSIX_MAPPABLE = lib.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE
+
+
+class PciRegion(enum.IntEnum):
+    BAR0 = lib.VFIO_PCI_BAR0_REGION_INDEX
+    BAR1 = lib.VFIO_PCI_BAR1_REGION_INDEX
+    BAR2 = lib.VFIO_PCI_BAR2_REGION_INDEX
+    BAR3 = lib.VFIO_PCI_BAR3_REGION_INDEX
+    BAR4 = lib.VFIO_PCI_BAR4_REGION_INDEX
+    BAR5 = lib.VFIO_PCI_BAR5_REGION_INDEX
+    ROM = lib.VFIO_PCI_ROM_REGION_INDEX
+    CONFIG = lib.VFIO_PCI_CONFIG_REGION_INDEX
+    VGA = lib.VFIO_PCI_VGA_REGION_INDEX
+
+
+VFIO_PCI_NUM_REGIONS: int = lib.VFIO_PCI_NUM_REGIONS
+
+
+class PciIrq(enum.IntEnum):
+    INTX = lib.VFIO_PCI_INTX_IRQ_INDEX
+    MSI = lib.VFIO_PCI_MSI_IRQ_INDEX
+    MSIX = lib.VFIO_PCI_MSIX_IRQ_INDEX
+    ERR = lib.VFIO_PCI_ERR_IRQ_INDEX
+    REQ = lib.VFIO_PCI_REQ_IRQ_INDEX
+
+
+class IrqInfoFlag(enum.IntFlag):
+    EVENTFD = lib.VFIO_IRQ_INFO_EVENTFD
+    MASKABLE = lib.VFIO_IRQ_INFO_MASKABLE
+    AUTOMASKED = lib.VFIO_IRQ_INFO_AUTOMASKED
+    NORESIZE = lib.VFIO_IRQ_INFO_NORESIZE
+
+
+class IrqSetFlag(enum.IntFlag):
+    DATA_NONE = lib.VFIO_IRQ_SET_DATA_NONE
+    DATA_BOOL = lib.VFIO_IRQ_SET_DATA_BOOL
+    DATA_EVENTFD = lib.VFIO_IRQ_SET_DATA_EVENTFD
+    ACTION_MASK = lib.VFIO_IRQ_SET_ACTION_MASK
+    ACTION_UNMASK = lib.VFIO_IRQ_SET_ACTION_UNMASK
+    ACTION_TRIGGER = lib.VFIO_IRQ_SET_ACTION_TRIGGER
+
+
+IRQ_SET_DATA_TYPE_MASK: int = lib.VFIO_IRQ_SET_DATA_TYPE_MASK
+IRQ_SET_ACTION_TYPE_MASK: int = lib.VFIO_IRQ_SET_ACTION_TYPE_MASK
+
+
+class HotResetFlag(enum.IntFlag):
+    DEV_ID = lib.VFIO_PCI_HOT_RESET_FLAG_DEV_ID
+    DEV_ID_OWNED = lib.VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED
+
+
+VFIO_PCI_DEVID_OWNED: int = lib.VFIO_PCI_DEVID_OWNED
+VFIO_PCI_DEVID_NOT_OWNED: int = lib.VFIO_PCI_DEVID_NOT_OWNED
+
+
+class FeatureFlag(enum.IntFlag):
+    GET = lib.VFIO_DEVICE_FEATURE_GET
+    SET = lib.VFIO_DEVICE_FEATURE_SET
+    PROBE = lib.VFIO_DEVICE_FEATURE_PROBE
+
+
+FEATURE_MASK: int = lib.VFIO_DEVICE_FEATURE_MASK
+
+
+class Feature(enum.IntEnum):
+    PCI_VF_TOKEN = lib.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN
+    MIGRATION = lib.VFIO_DEVICE_FEATURE_MIGRATION
+    MIG_DEVICE_STATE = lib.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+    LOW_POWER_ENTRY = lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY
+    LOW_POWER_ENTRY_WITH_WAKEUP = lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP
+    LOW_POWER_EXIT = lib.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT
+    DMA_LOGGING_START = lib.VFIO_DEVICE_FEATURE_DMA_LOGGING_START
+    DMA_LOGGING_STOP = lib.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
+    DMA_LOGGING_REPORT = lib.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT
+    MIG_DATA_SIZE = lib.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE
+    BUS_MASTER = lib.VFIO_DEVICE_FEATURE_BUS_MASTER
+
+
+class IommuInfoFlag(enum.IntFlag):
+    PGSIZES = lib.VFIO_IOMMU_INFO_PGSIZES
+    CAPS = lib.VFIO_IOMMU_INFO_CAPS
+
+
+class IommuInfoCap(enum.IntEnum):
+    IOVA_RANGE = lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE
+    MIGRATION = lib.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION
+    DMA_AVAIL = lib.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL
+
+
+class DmaMapFlag(enum.IntFlag):
+    READ = lib.VFIO_DMA_MAP_FLAG_READ
+    WRITE = lib.VFIO_DMA_MAP_FLAG_WRITE
+    VADDR = lib.VFIO_DMA_MAP_FLAG_VADDR
+
+
+class DmaUnmapFlag(enum.IntFlag):
+    GET_DIRTY_BITMAP = lib.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP
+    ALL = lib.VFIO_DMA_UNMAP_FLAG_ALL
+    VADDR = lib.VFIO_DMA_UNMAP_FLAG_VADDR
+
+
+class IoasMapFlag(enum.IntFlag):
+    FIXED_IOVA = lib.IOMMU_IOAS_MAP_FIXED_IOVA
+    WRITEABLE = lib.IOMMU_IOAS_MAP_WRITEABLE
+    READABLE = lib.IOMMU_IOAS_MAP_READABLE
+
+
+PROT_READ: int = lib.PROT_READ
+PROT_WRITE: int = lib.PROT_WRITE
+MAP_SHARED: int = lib.MAP_SHARED
+MAP_PRIVATE: int = lib.MAP_PRIVATE
+MAP_ANONYMOUS: int = lib.MAP_ANONYMOUS
+
+
+class Struct:
+    """A zeroed UAPI struct in a buffer of its own, ``argsz``/``size`` set.
+
+    ``total`` larger than the struct leaves room for a trailing capability
+    chain or array, as the kernel's INFO ioctls and SET_IRQS expect.  ``p``
+    is the typed pointer handed to ioctl; ``raw`` owns the memory, so keep
+    the ``Struct`` alive for as long as ``p`` is used.
+    """
+
+    __slots__ = ("ctype", "p", "raw", "size")
+
+    def __init__(self, ctype: str, total: int = 0) -> None:
+        self.ctype = ctype
+        self.size = max(ffi.sizeof(ctype), total)
+        self.raw: Any = ffi.new("char[]", self.size)
+        self.p: Any = ffi.cast(ctype + " *", self.raw)
+        if ctype.startswith("struct iommu_"):
+            self.p.size = self.size
+        elif "argsz" in {f for f, _ in ffi.typeof(ctype).fields}:
+            self.p.argsz = self.size
+
+    def at(self, ctype: str, offset: int) -> Any:
+        """A typed pointer to ``ctype`` at ``offset`` bytes into the buffer."""
+        if offset < 0 or offset + ffi.sizeof(ctype) > self.size:
+            raise ValueError(f"{ctype} at {offset} lies outside a {self.size}-byte buffer")
+        return ffi.cast(ctype + " *", self.raw + offset)
+
+    def tobytes(self) -> bytes:
+        return bytes(ffi.buffer(self.raw, self.size))
