@@ -20,63 +20,62 @@ CData = Any  # a cffi struct pointer or buffer
 PAGE_SIZE = 4096
 
 
-class Ioctl(enum.IntEnum):
-    """Every VFIO and iommufd ioctl request number, as the installed header gives it."""
+class Ioctl:
+    """Every VFIO and iommufd ioctl request number, as the installed header gives it.
 
-    GET_API_VERSION = lib.VFIO_GET_API_VERSION
-    CHECK_EXTENSION = lib.VFIO_CHECK_EXTENSION
-    SET_IOMMU = lib.VFIO_SET_IOMMU
-    GROUP_GET_STATUS = lib.VFIO_GROUP_GET_STATUS
-    GROUP_SET_CONTAINER = lib.VFIO_GROUP_SET_CONTAINER
-    GROUP_UNSET_CONTAINER = lib.VFIO_GROUP_UNSET_CONTAINER
-    GROUP_GET_DEVICE_FD = lib.VFIO_GROUP_GET_DEVICE_FD
-    DEVICE_GET_INFO = lib.VFIO_DEVICE_GET_INFO
-    DEVICE_GET_REGION_INFO = lib.VFIO_DEVICE_GET_REGION_INFO
-    DEVICE_GET_IRQ_INFO = lib.VFIO_DEVICE_GET_IRQ_INFO
-    DEVICE_SET_IRQS = lib.VFIO_DEVICE_SET_IRQS
-    DEVICE_RESET = lib.VFIO_DEVICE_RESET
-    DEVICE_GET_PCI_HOT_RESET_INFO = lib.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
-    DEVICE_PCI_HOT_RESET = lib.VFIO_DEVICE_PCI_HOT_RESET
-    DEVICE_IOEVENTFD = lib.VFIO_DEVICE_IOEVENTFD
-    DEVICE_FEATURE = lib.VFIO_DEVICE_FEATURE
-    DEVICE_BIND_IOMMUFD = lib.VFIO_DEVICE_BIND_IOMMUFD
-    DEVICE_ATTACH_IOMMUFD_PT = lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT
-    DEVICE_DETACH_IOMMUFD_PT = lib.VFIO_DEVICE_DETACH_IOMMUFD_PT
-    IOMMU_GET_INFO = lib.VFIO_IOMMU_GET_INFO
-    IOMMU_MAP_DMA = lib.VFIO_IOMMU_MAP_DMA
-    IOMMU_UNMAP_DMA = lib.VFIO_IOMMU_UNMAP_DMA
-    IOMMU_ENABLE = lib.VFIO_IOMMU_ENABLE
-    IOMMU_DISABLE = lib.VFIO_IOMMU_DISABLE
-    IOMMUFD_DESTROY = lib.IOMMU_DESTROY
-    IOMMUFD_IOAS_ALLOC = lib.IOMMU_IOAS_ALLOC
-    IOMMUFD_IOAS_ALLOW_IOVAS = lib.IOMMU_IOAS_ALLOW_IOVAS
-    IOMMUFD_IOAS_IOVA_RANGES = lib.IOMMU_IOAS_IOVA_RANGES
-    IOMMUFD_IOAS_MAP = lib.IOMMU_IOAS_MAP
-    IOMMUFD_IOAS_UNMAP = lib.IOMMU_IOAS_UNMAP
-    IOMMUFD_OPTION = lib.IOMMU_OPTION
+    Not an IntEnum: container and device ioctls share numbers (IOMMU_GET_INFO
+    and GET_PCI_HOT_RESET_INFO are both VFIO_BASE + 12), and an enum would
+    silently turn one into an alias of the other.
+    """
+
+    GET_API_VERSION: int = lib.VFIO_GET_API_VERSION
+    CHECK_EXTENSION: int = lib.VFIO_CHECK_EXTENSION
+    SET_IOMMU: int = lib.VFIO_SET_IOMMU
+    GROUP_GET_STATUS: int = lib.VFIO_GROUP_GET_STATUS
+    GROUP_SET_CONTAINER: int = lib.VFIO_GROUP_SET_CONTAINER
+    GROUP_UNSET_CONTAINER: int = lib.VFIO_GROUP_UNSET_CONTAINER
+    GROUP_GET_DEVICE_FD: int = lib.VFIO_GROUP_GET_DEVICE_FD
+    DEVICE_GET_INFO: int = lib.VFIO_DEVICE_GET_INFO
+    DEVICE_GET_REGION_INFO: int = lib.VFIO_DEVICE_GET_REGION_INFO
+    DEVICE_GET_IRQ_INFO: int = lib.VFIO_DEVICE_GET_IRQ_INFO
+    DEVICE_SET_IRQS: int = lib.VFIO_DEVICE_SET_IRQS
+    DEVICE_RESET: int = lib.VFIO_DEVICE_RESET
+    DEVICE_GET_PCI_HOT_RESET_INFO: int = lib.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
+    DEVICE_PCI_HOT_RESET: int = lib.VFIO_DEVICE_PCI_HOT_RESET
+    DEVICE_IOEVENTFD: int = lib.VFIO_DEVICE_IOEVENTFD
+    DEVICE_FEATURE: int = lib.VFIO_DEVICE_FEATURE
+    DEVICE_BIND_IOMMUFD: int = lib.VFIO_DEVICE_BIND_IOMMUFD
+    DEVICE_ATTACH_IOMMUFD_PT: int = lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    DEVICE_DETACH_IOMMUFD_PT: int = lib.VFIO_DEVICE_DETACH_IOMMUFD_PT
+    IOMMU_GET_INFO: int = lib.VFIO_IOMMU_GET_INFO
+    IOMMU_MAP_DMA: int = lib.VFIO_IOMMU_MAP_DMA
+    IOMMU_UNMAP_DMA: int = lib.VFIO_IOMMU_UNMAP_DMA
+    IOMMU_ENABLE: int = lib.VFIO_IOMMU_ENABLE
+    IOMMU_DISABLE: int = lib.VFIO_IOMMU_DISABLE
+    IOMMUFD_DESTROY: int = lib.IOMMU_DESTROY
+    IOMMUFD_IOAS_ALLOC: int = lib.IOMMU_IOAS_ALLOC
+    IOMMUFD_IOAS_ALLOW_IOVAS: int = lib.IOMMU_IOAS_ALLOW_IOVAS
+    IOMMUFD_IOAS_IOVA_RANGES: int = lib.IOMMU_IOAS_IOVA_RANGES
+    IOMMUFD_IOAS_MAP: int = lib.IOMMU_IOAS_MAP
+    IOMMUFD_IOAS_UNMAP: int = lib.IOMMU_IOAS_UNMAP
+    IOMMUFD_OPTION: int = lib.IOMMU_OPTION
 
 
-# VFIO_IOMMU_GET_INFO/MAP/UNMAP share numbers with GET_PCI_HOT_RESET_INFO,
-# HOT_RESET and QUERY_GFX_PLANE (container fd versus device fd); IntEnum keeps
-# the first name for a value, so name lookups must go through the fd's kind.
-IOCTL_NAMES_CONTAINER = {
-    v: k for k, v in Ioctl.__members__.items() if not k.startswith(("DEVICE_", "GROUP_"))
+_NAMES = {k: v for k, v in vars(Ioctl).items() if k.isupper()}
+_FD_PREFIXES = {
+    "container": ("GET_API", "CHECK_EXT", "SET_IOMMU", "IOMMU_"),
+    "group": ("GROUP_",),
+    "device": ("DEVICE_",),
+    "iommufd": ("IOMMUFD_",),
 }
-IOCTL_NAMES_DEVICE = {
-    v: k for k, v in Ioctl.__members__.items() if k.startswith("DEVICE_")
-}
 
 
-def ioctl_name(request: int) -> str:
-    """A readable name for an ioctl request number (device names first)."""
-    for table in (IOCTL_NAMES_DEVICE, IOCTL_NAMES_CONTAINER):
-        if request in table:
-            return "VFIO_" + table[request] if not table[request].startswith("IOMMUFD_") else (
-                "IOMMU_" + table[request].removeprefix("IOMMUFD_")
-            )
-    for k, v in Ioctl.__members__.items():
-        if v == request:
-            return "VFIO_" + k
+def ioctl_name(request: int, fd_kind: str = "device") -> str:
+    """The UAPI name of ``request`` issued on an fd of ``fd_kind``."""
+    prefixes = _FD_PREFIXES.get(fd_kind, ())
+    candidates = [k for k, v in _NAMES.items() if v == request]
+    for k in sorted(candidates, key=lambda k: not k.startswith(prefixes)):
+        return "IOMMU_" + k.removeprefix("IOMMUFD_") if k.startswith("IOMMUFD_") else "VFIO_" + k
     return hex(request)
 
 

@@ -12,10 +12,8 @@ device and the step.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
-import signal
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -189,15 +187,13 @@ def set_default_kernel(kernel: Kernel | None) -> None:
 __all__ = [
     "EFD_CLOEXEC",
     "EFD_NONBLOCK",
-    "Kernel",
-    "LinuxKernel",
     "O_CLOEXEC",
     "O_NONBLOCK",
     "O_RDONLY",
     "O_RDWR",
     "POLLIN",
+    "Kernel",
+    "LinuxKernel",
     "default_kernel",
-    "errno",
     "set_default_kernel",
-    "signal",
 ]
