@@ -1,0 +1,458 @@
+"""PCI topologies for the simulator: TOML files and parametric generators.
+
+A topology lists bridges (root ports, switch ports, PCI bridges) and
+functions (endpoints, VFs) with what the kernel would learn from them:
+BARs, capabilities, reset methods, IOMMU groups and the driver bound at boot.
+Everything is plain data; :mod:`mock_vfio.machine` turns it into live state.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+
+
+def norm_addr(addr: str) -> str:
+    """``01:00.0`` or ``0000:01:00.0`` -> ``0000:01:00.0`` (lower case)."""
+    m = _ADDR.match(addr.strip())
+    if not m:
+        raise ValueError(f"bad PCI address {addr!r}")
+    dom = m.group(1) or "0000"
+    return f"{dom}:{m.group(2)}:{m.group(3)}.{m.group(4)}".lower()
+
+
+def split_addr(addr: str) -> tuple[int, int, int, int]:
+    """(domain, bus, slot, function) of a normalised address."""
+    dom, bus, rest = addr.split(":")
+    slot, fn = rest.split(".")
+    return int(dom, 16), int(bus, 16), int(slot, 16), int(fn)
+
+
+def make_addr(bus: int, slot: int, fn: int, domain: int = 0) -> str:
+    return f"{domain:04x}:{bus:02x}:{slot:02x}.{fn}"
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    index: int
+    size: int
+    kind: str = "mem32"  # "mem32" | "mem64" | "io"
+    prefetch: bool = False
+
+    @property
+    def is_io(self) -> bool:
+        return self.kind == "io"
+
+    @property
+    def is_64(self) -> bool:
+        return self.kind == "mem64"
+
+
+@dataclass(frozen=True, slots=True)
+class Msix:
+    count: int
+    table_bar: int
+    table_offset: int
+    pba_bar: int
+    pba_offset: int
+
+
+# Link speeds as the kernel names them, in GT/s; 0 means conventional PCI.
+LINK_SPEEDS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
+
+
+@dataclass(slots=True)
+class FunctionSpec:
+    addr: str
+    vendor: int = 0x1AF4
+    device: int = 0x1000
+    class_code: int = 0xFF0000
+    subsystem_vendor: int = 0
+    subsystem_device: int = 0
+    revision: int = 1
+    bars: tuple[Bar, ...] = ()
+    rom_size: int = 0
+    msi: int = 0  # vectors; 0 = no MSI capability
+    msix: Msix | None = None
+    pm: bool = True
+    pm_no_soft_reset: bool = False  # PMCSR No_Soft_Reset: a D3hot->D0 cycle does not reset
+    pcie: bool = True
+    pcie_type: str = "endpoint"  # "endpoint" | "legacy" | "rciep"
+    link_speed: float = 8.0
+    link_width: int = 16
+    flr: bool = False
+    aer: bool = False
+    reset_methods: tuple[str, ...] | None = None  # None: probe from the capabilities
+    reset_method_set: tuple[str, ...] | None = None  # what an admin wrote to reset_method
+    iommu_group: int = -1
+    driver: str | None = "vfio-pci"
+    native_driver: str | None = None  # what drivers_probe binds without an override
+    model: str = "generic"
+    interrupt_pin: int = 1
+    multifunction: bool = False
+    vga: bool = False
+    # SR-IOV (PF side)
+    sriov_total: int = 0
+    sriov_initial: int = 0
+    vf_device: int = 0
+    vf_offset: int = 1
+    vf_stride: int = 1
+    vf_bars: tuple[Bar, ...] = ()
+    vf_driver: str | None = "vfio-pci"
+    vf_native_driver: str | None = None
+    vf_msix: int = 0
+    # VF side
+    physfn: str | None = None
+    vf_index: int = -1
+
+    @property
+    def cfg_size(self) -> int:
+        return 4096 if self.pcie else 256
+
+
+@dataclass(slots=True)
+class BridgeSpec:
+    addr: str
+    kind: str = "root_port"  # "root_port" | "upstream" | "downstream" | "pci_bridge"
+    secondary: int = 0
+    subordinate: int = 0
+    link_speed: float = 8.0  # of the link below it; 0 for a conventional bus
+    hotplug_slot: bool = False  # slot reset possible: device set keyed by slot
+    iommu_group: int = -1
+    vendor: int = 0x8086
+    device: int = 0x0000
+
+
+@dataclass(slots=True)
+class Topology:
+    name: str
+    bridges: list[BridgeSpec] = field(default_factory=list)
+    functions: list[FunctionSpec] = field(default_factory=list)
+
+    def assign_groups(self) -> None:
+        """Give every bridge and function without an explicit group one of its own."""
+        used = {f.iommu_group for f in self.functions} | {b.iommu_group for b in self.bridges}
+        nxt = max(used | {-1}) + 1
+        for b in self.bridges:
+            if b.iommu_group < 0:
+                b.iommu_group = nxt
+                nxt += 1
+        for f in self.functions:
+            if f.iommu_group < 0:
+                f.iommu_group = nxt
+                nxt += 1
+
+    def next_group(self) -> int:
+        used = {f.iommu_group for f in self.functions} | {b.iommu_group for b in self.bridges}
+        return max(used | {-1}) + 1
+
+
+# --- TOML ------------------------------------------------------------------
+
+
+def _bars(raw: list[dict[str, Any]]) -> tuple[Bar, ...]:
+    return tuple(
+        Bar(
+            index=int(b["index"]),
+            size=int(b["size"]),
+            kind=str(b.get("type", "mem32")),
+            prefetch=bool(b.get("prefetch", False)),
+        )
+        for b in raw
+    )
+
+
+def _function(d: dict[str, Any]) -> FunctionSpec:
+    f = FunctionSpec(addr=norm_addr(str(d["addr"])))
+    simple = {
+        "vendor": "vendor",
+        "device": "device",
+        "class": "class_code",
+        "subsystem_vendor": "subsystem_vendor",
+        "subsystem_device": "subsystem_device",
+        "revision": "revision",
+        "rom_size": "rom_size",
+        "msi": "msi",
+        "pm": "pm",
+        "pm_no_soft_reset": "pm_no_soft_reset",
+        "pcie": "pcie",
+        "pcie_type": "pcie_type",
+        "link_speed": "link_speed",
+        "link_width": "link_width",
+        "flr": "flr",
+        "aer": "aer",
+        "iommu_group": "iommu_group",
+        "native_driver": "native_driver",
+        "model": "model",
+        "interrupt_pin": "interrupt_pin",
+        "multifunction": "multifunction",
+        "vga": "vga",
+    }
+    for key, attr in simple.items():
+        if key in d:
+            setattr(f, attr, d[key])
+    if "driver" in d:
+        f.driver = d["driver"] or None
+    f.link_speed = float(f.link_speed)
+    f.bars = _bars(d.get("bars", []))
+    if "msix" in d:
+        m = d["msix"]
+        f.msix = Msix(
+            int(m["count"]),
+            int(m.get("table_bar", 0)),
+            int(m.get("table_offset", 0)),
+            int(m.get("pba_bar", m.get("table_bar", 0))),
+            int(m.get("pba_offset", 0x800)),
+        )
+    if "reset_method" in d:
+        rm = d["reset_method"]
+        f.reset_methods = tuple(rm.split() if isinstance(rm, str) else rm)
+    if "reset_method_set" in d:
+        rm = d["reset_method_set"]
+        f.reset_method_set = tuple(rm.split() if isinstance(rm, str) else rm)
+    if "sriov" in d:
+        s = d["sriov"]
+        f.sriov_total = int(s["total_vfs"])
+        f.sriov_initial = int(s.get("num_vfs", 0))
+        f.vf_device = int(s.get("vf_device", f.device + 1))
+        f.vf_offset = int(s.get("offset", 1))
+        f.vf_stride = int(s.get("stride", 1))
+        f.vf_bars = _bars(s.get("bars", [{"index": 0, "size": 0x4000, "type": "mem64"}]))
+        f.vf_driver = s.get("driver", "vfio-pci") or None
+        f.vf_native_driver = s.get("native_driver")
+        f.vf_msix = int(s.get("msix", 0))
+    return f
+
+
+def _bridge(d: dict[str, Any]) -> BridgeSpec:
+    b = BridgeSpec(addr=norm_addr(str(d["addr"])))
+    b.kind = str(d.get("kind", "root_port"))
+    b.secondary = int(d["secondary"])
+    b.subordinate = int(d.get("subordinate", b.secondary))
+    b.link_speed = float(d.get("link_speed", 0.0 if b.kind == "pci_bridge" else 8.0))
+    b.hotplug_slot = bool(d.get("hotplug_slot", False))
+    b.iommu_group = int(d.get("iommu_group", -1))
+    b.vendor = int(d.get("vendor", 0x8086))
+    b.device = int(d.get("device", 0))
+    return b
+
+
+def parse_toml(text: str, name: str = "custom") -> Topology:
+    data = tomllib.loads(text)
+    topo = Topology(name=str(data.get("name", name)))
+    topo.bridges = [_bridge(b) for b in data.get("bridge", [])]
+    topo.functions = [_function(f) for f in data.get("device", [])]
+    return topo
+
+
+# --- parametric topologies ---------------------------------------------------
+
+
+def gpus(n: int, per_switch: int = 4) -> Topology:
+    """N GPUs (function 0) with HD audio (function 1), each alone on a bus behind a
+    switch downstream port; bus reset only, both functions one group and one set."""
+    t = Topology(name=f"gpus:{n}")
+    bus = 1
+    group = 0
+    for sw in range((n + per_switch - 1) // per_switch):
+        rp = make_addr(0, 1 + sw // 8, sw % 8)
+        up_bus = bus
+        count = min(per_switch, n - sw * per_switch)
+        sub = up_bus + 1 + count
+        t.bridges.append(
+            BridgeSpec(rp, "root_port", up_bus, sub, 16.0, iommu_group=group, device=0x1901)
+        )
+        group += 1
+        t.bridges.append(
+            BridgeSpec(
+                make_addr(up_bus, 0, 0),
+                "upstream",
+                up_bus + 1,
+                sub,
+                16.0,
+                False,
+                group,
+                0x10B5,
+                0x8747,
+            )
+        )
+        group += 1
+        for i in range(count):
+            dbus = up_bus + 2 + i
+            t.bridges.append(
+                BridgeSpec(
+                    make_addr(up_bus + 1, i, 0),
+                    "downstream",
+                    dbus,
+                    dbus,
+                    16.0,
+                    False,
+                    group,
+                    0x10B5,
+                    0x8747,
+                )
+            )
+            group += 1
+        bus = sub + 1
+    gi = 0
+    for b in list(t.bridges):
+        if b.kind != "downstream" or gi >= n:
+            continue
+        gi += 1
+        g = group
+        group += 1
+        gpu = FunctionSpec(
+            addr=make_addr(b.secondary, 0, 0),
+            vendor=0x10DE,
+            device=0x2330,
+            class_code=0x030200,
+            subsystem_vendor=0x10DE,
+            subsystem_device=0x16C1,
+            bars=(
+                Bar(0, 16 << 20, "mem32"),
+                Bar(1, 256 << 20, "mem64", prefetch=True),
+                Bar(3, 32 << 20, "mem64", prefetch=True),
+            ),
+            rom_size=512 << 10,
+            msi=1,
+            msix=Msix(6, 0, 0xB90000, 0, 0xBA0000),
+            link_speed=16.0,
+            aer=True,
+            reset_methods=("bus",),
+            iommu_group=g,
+            native_driver="nvidia",
+            multifunction=True,
+        )
+        audio = FunctionSpec(
+            addr=make_addr(b.secondary, 0, 1),
+            vendor=0x10DE,
+            device=0x22A3,
+            class_code=0x040300,
+            subsystem_vendor=0x10DE,
+            subsystem_device=0x16C1,
+            bars=(Bar(0, 16 << 10, "mem32"),),
+            msi=1,
+            link_speed=16.0,
+            reset_methods=("bus",),
+            iommu_group=g,
+            native_driver="snd_hda_intel",
+            interrupt_pin=2,
+            multifunction=True,
+        )
+        t.functions += [gpu, audio]
+    return t
+
+
+def vfs(n: int) -> Topology:
+    """One NIC PF with N VFs (FLR, one group each) behind a root port."""
+    t = Topology(name=f"vfs:{n}")
+    t.bridges.append(
+        BridgeSpec(
+            make_addr(0, 1, 0),
+            "root_port",
+            1,
+            1 + (n + 1) // 256 + 1,
+            16.0,
+            iommu_group=0,
+            device=0x1901,
+        )
+    )
+    pf = FunctionSpec(
+        addr=make_addr(1, 0, 0),
+        vendor=0x8086,
+        device=0x1592,
+        class_code=0x020000,
+        subsystem_vendor=0x8086,
+        subsystem_device=0x0002,
+        bars=(Bar(0, 32 << 20, "mem64", True), Bar(3, 64 << 10, "mem64", True)),
+        msix=Msix(64, 3, 0, 3, 0x8000),
+        link_speed=16.0,
+        flr=True,
+        aer=True,
+        iommu_group=1,
+        driver="ice",
+        native_driver="ice",
+        sriov_total=max(n, 1),
+        sriov_initial=n,
+        vf_device=0x1889,
+        vf_bars=(Bar(0, 64 << 10, "mem64", True), Bar(3, 16 << 10, "mem64", True)),
+        vf_driver="vfio-pci",
+        vf_native_driver="iavf",
+        vf_msix=5,
+    )
+    t.functions.append(pf)
+    return t
+
+
+def nvme(n: int) -> Topology:
+    """N NVMe drives with FLR, one per root port."""
+    t = Topology(name=f"nvme:{n}")
+    for i in range(n):
+        bus = i + 1
+        t.bridges.append(
+            BridgeSpec(
+                make_addr(0, 1 + i // 8, i % 8),
+                "root_port",
+                bus,
+                bus,
+                16.0,
+                iommu_group=2 * i,
+                device=0x1901,
+            )
+        )
+        t.functions.append(
+            FunctionSpec(
+                addr=make_addr(bus, 0, 0),
+                vendor=0x144D,
+                device=0xA80A,
+                class_code=0x010802,
+                subsystem_vendor=0x144D,
+                subsystem_device=0xA801,
+                bars=(Bar(0, 16 << 10, "mem64"),),
+                msi=1,
+                msix=Msix(33, 0, 0x3000, 0, 0x2000),
+                link_speed=16.0,
+                link_width=4,
+                flr=True,
+                aer=True,
+                iommu_group=2 * i + 1,
+                native_driver="nvme",
+            )
+        )
+    return t
+
+
+def _topology_dir() -> Path:
+    return Path(str(resources.files("mock_vfio") / "topologies"))
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`load_topology`."""
+    named = sorted(p.stem for p in _topology_dir().glob("*.toml"))
+    return [*named, "gpus:N", "vfs:N", "nvme:N"]
+
+
+def load_topology(spec: str | Path | Topology) -> Topology:
+    """A ready name, ``gpus:N`` / ``vfs:N`` / ``nvme:N``, or a path to a TOML file."""
+    if isinstance(spec, Topology):
+        return spec
+    s = str(spec)
+    kind, _, num = s.partition(":")
+    gens = {"gpus": gpus, "vfs": vfs, "nvme": nvme}
+    if kind in gens and num.isdigit():
+        topo = gens[kind](int(num))
+    else:
+        path = Path(s)
+        if not (s.endswith(".toml") and path.exists()):
+            path = _topology_dir() / f"{s}.toml"
+        if not path.exists():
+            raise ValueError(f"unknown topology {s!r}; known: {', '.join(available())}")
+        topo = parse_toml(path.read_text(), path.stem)
+    topo.assign_groups()
+    return topo
