@@ -7,10 +7,18 @@ above this module uses the enums here and the helpers in ``kernel.py``.
 from __future__ import annotations
 
 import enum
-from typing import Any
+import errno
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from vfiopy._uapi_cffi import ffi as _ffi
 from vfiopy._uapi_cffi import lib as _lib
+from vfiopy.errors import VfioError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from vfiopy.kernel import Kernel
 
 ffi: Any = _ffi
 lib: Any = _lib
@@ -268,3 +276,125 @@ class Struct:
 
     def tobytes(self) -> bytes:
         return bytes(ffi.buffer(self.raw, self.size))
+
+
+class Closable:
+    """An object holding a kernel resource that ``close()`` releases; a context manager."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Cap(NamedTuple):
+    """One entry of a VFIO info capability chain: ``offset`` is from the buffer start."""
+
+    id: int
+    version: int
+    offset: int
+
+
+def cap_chain(buf: Struct, first: int) -> Iterator[Cap]:
+    """Walk the capability chain of a DEVICE/REGION/IOMMU info buffer.
+
+    The kernel shifts every ``next`` to an offset from the start of the info
+    struct and ends the chain with 0.  A corrupt chain (out of bounds, or a
+    loop) ends the walk instead of reading past the buffer.
+    """
+    header = ffi.sizeof("struct vfio_info_cap_header")
+    seen: set[int] = set()
+    offset = first
+    while offset and offset not in seen and offset + header <= buf.size:
+        seen.add(offset)
+        h = buf.at("struct vfio_info_cap_header", offset)
+        yield Cap(int(h.id), int(h.version), offset)
+        offset = int(h.next)
+
+
+def ioctl(
+    kernel: Kernel,
+    fd: int,
+    name: str,
+    arg: Any = 0,
+    *,
+    error: type[VfioError],
+    device: str | None,
+    detail: str | None = None,
+    advice: str | Mapping[int, str] | None = None,
+) -> int:
+    """Issue the ioctl ``name`` (spelled as in the UAPI header) on ``fd``.
+
+    A failure becomes ``error`` naming the device, the ioctl and the errno;
+    ``advice`` is one text, or texts by errno (others get the generic advice).
+    """
+    try:
+        return kernel.ioctl(fd, getattr(lib, name), arg)
+    except OSError as exc:
+        if isinstance(advice, Mapping):
+            advice = advice.get(exc.errno or 0)
+        raise error.from_oserror(exc, device, name, detail, advice) from exc
+
+
+def ioctl_info(
+    kernel: Kernel,
+    fd: int,
+    name: str,
+    ctype: str,
+    *,
+    error: type[VfioError],
+    device: str | None,
+    detail: str | None = None,
+    advice: str | Mapping[int, str] | None = None,
+    fill: Callable[[Any], None] | None = None,
+) -> Struct:
+    """An INFO ioctl whose reply may end in a capability chain.
+
+    When the chain does not fit, the kernel answers success with ``argsz``
+    raised to the size it needs (and ``cap_offset`` 0): grow and ask again.
+    ``fill`` sets the input fields (an index) of each fresh struct.
+    """
+    total = 0
+    for _ in range(8):  # the chain only grows if the device changes in between
+        s = Struct(ctype, total)
+        if fill is not None:
+            fill(s.p)
+        ioctl(kernel, fd, name, s.p, error=error, device=device, detail=detail, advice=advice)
+        if s.p.argsz <= s.size:
+            return s
+        total = int(s.p.argsz)
+    raise error(errno.EMSGSIZE, device, name, detail="argsz kept growing")
+
+
+def open_node(
+    kernel: Kernel,
+    path: str,
+    flags: int,
+    *,
+    error: type[VfioError],
+    device: str | None,
+    advice: Mapping[int, str] | None = None,
+) -> int:
+    """Open a /dev node; EACCES names the node and the permission it needs."""
+    try:
+        return kernel.open(path, flags)
+    except OSError as exc:
+        err = exc.errno or 0
+        text = (advice or {}).get(err)
+        if text is None and err in (errno.EACCES, errno.EPERM):
+            text = (
+                f"{path} needs read and write permission for this user: check its owner and "
+                f"mode (ls -l {path}), add the user to the owning group, or run as root"
+            )
+        raise error.from_oserror(exc, device, f"open {path}", None, text) from exc

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # What to do, by errno, when a step has no more specific advice.
 _ADVICE: dict[int, str] = {
@@ -181,6 +183,23 @@ class ProcessError(VfioError):
     step_name = "process"
 
 
+@contextmanager
+def raise_as(
+    error: type[VfioError],
+    device: str | None,
+    step: str,
+    detail: str | None = None,
+    advice: str | None = None,
+) -> Iterator[None]:
+    """Turn an ``OSError`` raised in the block into ``error`` (a ``VfioError`` passes through)."""
+    try:
+        yield
+    except VfioError:
+        raise
+    except OSError as exc:
+        raise error.from_oserror(exc, device, step, detail, advice) from exc
+
+
 __all__ = [
     "AddressError",
     "BindIommufdError",
@@ -202,4 +221,5 @@ __all__ = [
     "SetIommuError",
     "SysfsError",
     "VfioError",
+    "raise_as",
 ]

@@ -1,0 +1,415 @@
+"""A VFIO device fd: info, regions, interrupts, resets and features.
+
+Opening a device (GROUP_GET_DEVICE_FD, or BIND_IOMMUFD on its cdev) makes
+vfio-pci enable it and try a function reset; releasing the last fd disables
+it, tries a function reset and, once every device of its reset set is
+released, a bus reset.  :meth:`Device.close` therefore unmaps the regions and
+disables interrupts first: a live mmap would defer that release.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from vfiopy._uapi import (
+    Cap,
+    Closable,
+    DeviceFlag,
+    FeatureFlag,
+    HotResetFlag,
+    PciRegion,
+    Struct,
+    cap_chain,
+    ffi,
+    ioctl,
+    ioctl_info,
+    lib,
+    open_node,
+)
+from vfiopy.errors import (
+    BindIommufdError,
+    DeviceInfoError,
+    FeatureError,
+    HotResetError,
+    OpenDeviceError,
+    ReleaseError,
+    ResetError,
+    VfioError,
+    raise_as,
+)
+from vfiopy.irq import Irq
+from vfiopy.kernel import O_RDWR, Kernel
+from vfiopy.pci import ConfigSpace
+from vfiopy.region import Region
+from vfiopy.sysfs import PciAddress, Sysfs
+
+if TYPE_CHECKING:
+    from vfiopy.group import Group
+    from vfiopy.iommufd import Iommufd
+
+log = structlog.get_logger(__name__)
+
+_HOT_RESET_ADVICE = {
+    errno.EPERM: "every device of the reset domain must be open in this process "
+    "(pass all their groups) - see hot_reset_info()",
+    errno.EINVAL: "a group of the reset domain is missing from the call - see hot_reset_info()",
+    errno.ENODEV: "the device supports neither slot nor bus reset",
+    errno.EBUSY: "another user holds a device of the reset domain",
+}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """VFIO_DEVICE_GET_INFO."""
+
+    flags: DeviceFlag
+    num_regions: int
+    num_irqs: int
+    caps: tuple[Cap, ...] = ()
+
+
+@dataclass(frozen=True)
+class DependentDevice:
+    """A device a hot reset would touch (VFIO_DEVICE_GET_PCI_HOT_RESET_INFO).
+
+    Group-opened devices report ``group_id``; cdev-opened ones report
+    ``devid`` (the iommufd device id, None when not bound here) and ``owned``.
+    """
+
+    address: PciAddress
+    group_id: int | None = None
+    devid: int | None = None
+    owned: bool | None = None
+
+
+class Device(Closable):
+    """An open VFIO device. Build with :meth:`from_group` or :meth:`from_cdev`."""
+
+    def __init__(
+        self,
+        address: PciAddress,
+        fd: int,
+        kernel: Kernel,
+        *,
+        group: Group | None = None,
+        iommufd: Iommufd | None = None,
+        devid: int | None = None,
+    ) -> None:
+        """Wrap an open device fd (the caller closes ``fd`` if this raises)."""
+        self.address = address
+        self.name = str(address)
+        self.fd = fd
+        self.kernel = kernel
+        self.group = group
+        self.iommufd = iommufd
+        self.devid = devid
+        self._regions: dict[int, Region] = {}
+        self._irqs: dict[int, Irq] = {}
+        self._config: ConfigSpace | None = None
+        self.closed = False
+        s = ioctl_info(
+            kernel,
+            fd,
+            "VFIO_DEVICE_GET_INFO",
+            "struct vfio_device_info",
+            error=DeviceInfoError,
+            device=self.name,
+        )
+        flags = DeviceFlag(int(s.p.flags))
+        caps = tuple(cap_chain(s, int(s.p.cap_offset))) if flags & DeviceFlag.CAPS else ()
+        self.info = DeviceInfo(flags, int(s.p.num_regions), int(s.p.num_irqs), caps)
+
+    # --- construction ---------------------------------------------------------------
+    @classmethod
+    def from_group(cls, group: Group, addr: PciAddress | str) -> Device:
+        """Open ``addr`` through its group (which must have a container with an IOMMU)."""
+        address = PciAddress.of(addr)
+        fd = group.get_device_fd(address)
+        try:
+            return cls(address, fd, group.kernel, group=group)
+        except BaseException:
+            group.kernel.close(fd)
+            raise
+
+    @classmethod
+    def from_cdev(
+        cls,
+        addr: PciAddress | str,
+        iommufd: Iommufd,
+        ioas_id: int,
+        kernel: Kernel | None = None,
+        sysfs: Sysfs | None = None,
+    ) -> Device:
+        """Open ``addr``'s VFIO cdev, bind it to ``iommufd`` and attach it to ``ioas_id``."""
+        address = PciAddress.of(addr)
+        k = kernel if kernel is not None else iommufd.kernel
+        path = (sysfs if sysfs is not None else Sysfs(k)).cdev(address)
+        if path is None:
+            raise OpenDeviceError(
+                errno.ENODEV,
+                str(address),
+                "find vfio cdev",
+                detail="no vfio-dev/vfioN under the device in sysfs",
+                advice="bind the device to vfio-pci; the cdev needs Linux 6.6+ with "
+                "CONFIG_VFIO_DEVICE_CDEV (else use the container backend)",
+            )
+        fd = open_node(k, path, O_RDWR, error=OpenDeviceError, device=str(address))
+        try:
+            bind = Struct("struct vfio_device_bind_iommufd")
+            bind.p.iommufd = iommufd.fd
+            # Binding is the open: vfio-pci enables and resets the device here.
+            ioctl(
+                k,
+                fd,
+                "VFIO_DEVICE_BIND_IOMMUFD",
+                bind.p,
+                error=BindIommufdError,
+                device=str(address),
+                advice={
+                    errno.EBUSY: "the device is already bound to an iommufd or open "
+                    "through its group"
+                },
+            )
+            attach = Struct("struct vfio_device_attach_iommufd_pt")
+            attach.p.pt_id = ioas_id
+            ioctl(
+                k,
+                fd,
+                "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+                attach.p,
+                error=BindIommufdError,
+                device=str(address),
+                detail=f"ioas {ioas_id}",
+            )
+            return cls(address, fd, k, iommufd=iommufd, devid=int(bind.p.out_devid))
+        except BaseException:
+            k.close(fd)
+            raise
+
+    # --- regions, interrupts, config -------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DeviceInfoError(errno.EBADF, self.name, detail="the device is closed")
+
+    def region(self, index: int) -> Region:
+        """Region ``index`` (see :class:`vfiopy._uapi.PciRegion`), queried once."""
+        self._check_open()
+        r = self._regions.get(index)
+        if r is None:
+            r = self._regions[index] = Region(self.kernel, self.fd, self.name, index)
+        return r
+
+    def regions(self) -> list[Region]:
+        """The device's regions (absent BARs have size 0; an absent VGA region is left out)."""
+        out = []
+        for i in range(self.info.num_regions):
+            try:
+                out.append(self.region(i))
+            except DeviceInfoError as exc:
+                # vfio-pci answers EINVAL for the VGA region of a non-VGA device.
+                if exc.errno != errno.EINVAL:
+                    raise
+        return out
+
+    def irq(self, index: int) -> Irq:
+        """Interrupt index ``index`` (see :class:`vfiopy._uapi.PciIrq`), queried once."""
+        self._check_open()
+        i = self._irqs.get(index)
+        if i is None:
+            i = self._irqs[index] = Irq(self.kernel, self.fd, self.name, index)
+        return i
+
+    @property
+    def config(self) -> ConfigSpace:
+        if self._config is None:
+            self._config = ConfigSpace(self.region(PciRegion.CONFIG))
+        return self._config
+
+    # --- resets -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Function reset (VFIO_DEVICE_RESET): FLR, PM or another per-function method."""
+        self._check_open()
+        advice = None
+        if not self.info.flags & DeviceFlag.RESET:
+            advice = "the device has no function reset; use hot_reset() (slot or bus reset)"
+        ioctl(
+            self.kernel,
+            self.fd,
+            "VFIO_DEVICE_RESET",
+            0,
+            error=ResetError,
+            device=self.name,
+            advice=advice,
+        )
+
+    def hot_reset_info(self) -> list[DependentDevice]:
+        """The devices a slot or bus reset of this device would reset too."""
+        self._check_open()
+        item = ffi.sizeof("struct vfio_pci_dependent_device")
+        base = ffi.sizeof("struct vfio_pci_hot_reset_info")
+        room = 8
+        for _ in range(8):  # the set only grows if devices appear in between
+            s = Struct("struct vfio_pci_hot_reset_info", base + room * item)
+            try:
+                ioctl(
+                    self.kernel,
+                    self.fd,
+                    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+                    s.p,
+                    error=HotResetError,
+                    device=self.name,
+                    advice=_HOT_RESET_ADVICE,
+                )
+            except HotResetError as exc:
+                # ENOSPC: the array is too small and count says how many exist.
+                if exc.errno == errno.ENOSPC and s.p.count > room:
+                    room = int(s.p.count)
+                    continue
+                raise
+            by_devid = bool(s.p.flags & HotResetFlag.DEV_ID)
+            out = []
+            for i in range(min(int(s.p.count), room)):
+                d = s.p.devices[i]
+                addr = PciAddress.from_devfn(int(d.segment), int(d.bus), int(d.devfn))
+                if not by_devid:
+                    out.append(DependentDevice(addr, group_id=int(d.group_id)))
+                    continue
+                devid = int(ffi.cast("int32_t", d.group_id))  # the union's signed devid
+                if devid == lib.VFIO_PCI_DEVID_NOT_OWNED:
+                    out.append(DependentDevice(addr, owned=False))
+                elif devid == lib.VFIO_PCI_DEVID_OWNED:
+                    out.append(DependentDevice(addr, owned=True))
+                else:
+                    out.append(DependentDevice(addr, devid=int(d.group_id), owned=True))
+            return out
+        raise HotResetError(
+            errno.ENOSPC,
+            self.name,
+            "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+            detail="the device count kept growing",
+        )
+
+    def hot_reset(self, groups: list[Group] | None = None) -> None:
+        """Slot or bus reset of this device and every device that shares it.
+
+        A group-opened device proves ownership with the fds of every affected
+        group (``groups``, default: its own); a cdev device uses the
+        zero-length form, where the kernel checks the iommufd's ownership.
+        """
+        self._check_open()
+        if groups is not None:
+            fds = [g.fd for g in groups]
+        elif self.group is not None:
+            fds = [self.group.fd]
+        else:
+            fds = []  # cdev: the zero-length form
+        s = Struct(
+            "struct vfio_pci_hot_reset", ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(fds)
+        )
+        s.p.count = len(fds)
+        for i, fd in enumerate(fds):
+            s.p.group_fds[i] = fd
+        try:
+            ioctl(
+                self.kernel,
+                self.fd,
+                "VFIO_DEVICE_PCI_HOT_RESET",
+                s.p,
+                error=HotResetError,
+                device=self.name,
+                advice=_HOT_RESET_ADVICE,
+            )
+        except HotResetError as exc:
+            if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+                exc.detail = self._dependents_text()
+            raise
+
+    def _dependents_text(self) -> str | None:
+        try:
+            deps = self.hot_reset_info()
+        except VfioError:
+            return None
+        parts = [
+            f"{d.address} (group {d.group_id})"
+            if d.group_id is not None
+            else f"{d.address} ({'owned' if d.owned else 'not owned'})"
+            for d in deps
+        ]
+        return "the reset affects " + ", ".join(parts)
+
+    # --- features -----------------------------------------------------------------------
+    def _feature(self, flags: int, data: bytes, step: str) -> Struct:
+        self._check_open()
+        s = Struct(
+            "struct vfio_device_feature", ffi.sizeof("struct vfio_device_feature") + len(data)
+        )
+        s.p.flags = flags
+        if data:
+            ffi.memmove(s.p.data, data, len(data))
+        ioctl(
+            self.kernel,
+            self.fd,
+            "VFIO_DEVICE_FEATURE",
+            s.p,
+            error=FeatureError,
+            device=self.name,
+            detail=step,
+        )
+        return s
+
+    def feature_probe(self, feature: int, *, get: bool = False, put: bool = False) -> bool:
+        """Whether the device supports ``feature`` (and GET, or SET with ``put``, of it)."""
+        flags = feature | FeatureFlag.PROBE
+        flags |= (FeatureFlag.GET if get else 0) | (FeatureFlag.SET if put else 0)
+        try:
+            self._feature(flags, b"", f"probe feature {feature}")
+        except FeatureError as exc:
+            # Unknown features answer ENOTTY; unsupported GET/SET, EINVAL.
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise
+        return True
+
+    def feature_get(self, feature: int, data: bytes) -> bytes:
+        """GET ``feature``: ``data`` is the input and sizes the reply."""
+        s = self._feature(feature | FeatureFlag.GET, data, f"get feature {feature}")
+        return bytes(ffi.buffer(s.p.data, len(data)))
+
+    def feature_set(self, feature: int, data: bytes) -> None:
+        self._feature(feature | FeatureFlag.SET, data, f"set feature {feature}")
+
+    # --- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap regions, disable interrupts, then close the fd. Idempotent.
+
+        Unmapping or disabling can fail on a removed device; that is logged
+        and the fd is closed regardless, since the kernel cleans up both at
+        release.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        parts: list[Region | Irq] = [*self._regions.values(), *self._irqs.values()]
+        for obj in parts:
+            try:
+                obj.close()
+            except OSError as exc:
+                log.warning(
+                    "device.close_step_failed",
+                    bdf=self.name,
+                    step=repr(obj),
+                    errno=exc.errno,
+                    error=str(exc),
+                )
+        with raise_as(ReleaseError, self.name, "close device fd"):
+            self.kernel.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Device({self.name}, fd={self.fd})"
+
+
+__all__ = ["DependentDevice", "Device", "DeviceInfo"]

@@ -1,0 +1,364 @@
+"""Device regions (BARs, ROM, config space) and their mmaps.
+
+A region is a window of the device fd at a fixed file offset.  Config space,
+I/O-port BARs and areas that cannot be mapped are accessed with pread/pwrite;
+memory BARs are mmapped, honouring the sparse-mmap capability (vfio-pci
+leaves the MSI-X table out of the mappable areas unless MSIX_MAPPABLE).
+
+A mapping holds a reference to the device file: the device's release, and
+the reset that comes with it, waits for the last munmap.  So every
+:class:`Mapping` is unmapped before its device fd is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vfiopy._uapi import (
+    MAP_SHARED,
+    PROT_READ,
+    PROT_WRITE,
+    Closable,
+    RegionCap,
+    RegionFlag,
+    cap_chain,
+    ffi,
+    ioctl_info,
+    lib,
+)
+from vfiopy.errors import DeviceInfoError, RegionError, raise_as
+from vfiopy.kernel import Kernel
+
+
+@dataclass(frozen=True)
+class Area:
+    """A mappable part of a region: ``offset`` and ``size`` within the region."""
+
+    offset: int
+    size: int
+
+
+class Region:
+    """One region of a device, as VFIO_DEVICE_GET_REGION_INFO describes it."""
+
+    def __init__(self, kernel: Kernel, fd: int, device: str, index: int) -> None:
+        self.kernel = kernel
+        self.fd = fd
+        self.device = device
+        self.index = index
+
+        def fill(p: Any) -> None:
+            p.index = index
+
+        s = ioctl_info(
+            kernel,
+            fd,
+            "VFIO_DEVICE_GET_REGION_INFO",
+            "struct vfio_region_info",
+            error=DeviceInfoError,
+            device=device,
+            detail=f"region {index}",
+            fill=fill,
+        )
+        self.flags = RegionFlag(int(s.p.flags))
+        self.size = int(s.p.size)
+        self.offset = int(s.p.offset)
+        self.type: tuple[int, int] | None = None
+        self.msix_mappable = False
+        self.sparse: list[Area] | None = None
+        if self.flags & RegionFlag.CAPS:
+            for cap in cap_chain(s, int(s.p.cap_offset)):
+                if cap.id == RegionCap.SPARSE_MMAP:
+                    c = s.at("struct vfio_region_info_cap_sparse_mmap", cap.offset)
+                    item = ffi.sizeof("struct vfio_region_sparse_mmap_area")
+                    room = (s.size - cap.offset - ffi.sizeof(c[0])) // item
+                    self.sparse = [
+                        Area(int(c.areas[i].offset), int(c.areas[i].size))
+                        for i in range(min(int(c.nr_areas), room))
+                    ]
+                elif cap.id == RegionCap.TYPE:
+                    t = s.at("struct vfio_region_info_cap_type", cap.offset)
+                    self.type = (int(t.type), int(t.subtype))
+                elif cap.id == RegionCap.MSIX_MAPPABLE:
+                    self.msix_mappable = True
+        self.mappings: list[Mapping] = []
+
+    @property
+    def areas(self) -> list[Area]:
+        """The parts of the region that mmap accepts (none without FLAG_MMAP)."""
+        if not self.flags & RegionFlag.MMAP or not self.size:
+            return []
+        if self.sparse is not None:
+            return [a for a in self.sparse if a.size and a.offset + a.size <= self.size]
+        return [Area(0, self.size)]
+
+    # --- pread/pwrite -----------------------------------------------------------
+    def _check(self, off: int, n: int, step: str) -> None:
+        if off < 0 or n < 0 or off + n > self.size:
+            raise RegionError(
+                errno.EINVAL,
+                self.device,
+                step,
+                detail=f"region {self.index}: [{off:#x}, +{n:#x}) is outside its "
+                f"{self.size:#x} bytes",
+                advice="keep offsets inside the region (see Region.size)",
+            )
+
+    def read(self, off: int, n: int) -> bytes:
+        """Read ``n`` bytes at region offset ``off`` with pread."""
+        self._check(off, n, "pread")
+        with raise_as(RegionError, self.device, "pread", f"region {self.index} offset {off:#x}"):
+            data = self.kernel.pread(self.fd, n, self.offset + off)
+        if len(data) != n:
+            raise RegionError(
+                errno.EIO,
+                self.device,
+                "pread",
+                detail=f"region {self.index} offset {off:#x}: {len(data)} of {n} bytes",
+            )
+        return data
+
+    def write(self, off: int, data: bytes) -> None:
+        """Write ``data`` at region offset ``off`` with pwrite."""
+        self._check(off, len(data), "pwrite")
+        with raise_as(RegionError, self.device, "pwrite", f"region {self.index} offset {off:#x}"):
+            done = self.kernel.pwrite(self.fd, bytes(data), self.offset + off)
+        if done != len(data):
+            raise RegionError(
+                errno.EIO,
+                self.device,
+                "pwrite",
+                detail=f"region {self.index} offset {off:#x}: {done} of {len(data)} bytes",
+            )
+
+    # --- mmap ---------------------------------------------------------------------
+    def mmap(self, area: int | None = None) -> Mapping:
+        """Map one mappable area (``area`` indexes :attr:`areas`; default: the only one)."""
+        areas = self.areas
+        if not areas:
+            raise RegionError(
+                errno.EINVAL,
+                self.device,
+                "mmap",
+                detail=f"region {self.index} has no mappable area",
+                advice="use Region.read/write (pread/pwrite) for this region",
+            )
+        if area is None:
+            if len(areas) > 1:
+                raise RegionError(
+                    errno.EINVAL,
+                    self.device,
+                    "mmap",
+                    detail=f"region {self.index} has {len(areas)} sparse areas",
+                    advice="pass the area index, or use Region.mmap_all()",
+                )
+            area = 0
+        if not 0 <= area < len(areas):
+            raise RegionError(
+                errno.EINVAL, self.device, "mmap", detail=f"region {self.index} has no area {area}"
+            )
+        m = Mapping(self, areas[area])
+        self.mappings.append(m)
+        return m
+
+    def mmap_all(self) -> list[Mapping]:
+        """Map every mappable area; all or none."""
+        out: list[Mapping] = []
+        try:
+            for i in range(len(self.areas)):
+                out.append(self.mmap(i))
+        except BaseException:
+            for m in out:
+                m.close()
+            raise
+        return out
+
+    def close(self) -> None:
+        """Unmap every mapping of this region."""
+        errors: list[BaseException] = []
+        for m in list(self.mappings):
+            try:
+                m.close()
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"Region(index={self.index}, size={self.size:#x}, flags={self.flags!r}, "
+            f"areas={self.areas})"
+        )
+
+
+class Mapping(Closable):
+    """An mmapped area of a region.
+
+    Offsets are region offsets (so a BAR register keeps its datasheet
+    offset whichever sparse area it falls in).  Each ``readN``/``writeN``
+    is exactly one access of that width, bounds- and alignment-checked.
+    """
+
+    __slots__ = (
+        "_base",
+        "_end",
+        "_hi8",
+        "_hi16",
+        "_hi32",
+        "_hi64",
+        "_lo",
+        "_r8",
+        "_r16",
+        "_r32",
+        "_r64",
+        "_w8",
+        "_w16",
+        "_w32",
+        "_w64",
+        "addr",
+        "offset",
+        "region",
+        "size",
+    )
+    # The C accessors, typed: cffi returns plain ints for these.
+    _r8: Callable[[int], int]
+    _r16: Callable[[int], int]
+    _r32: Callable[[int], int]
+    _r64: Callable[[int], int]
+    _w8: Callable[[int, int], None]
+    _w16: Callable[[int, int], None]
+    _w32: Callable[[int, int], None]
+    _w64: Callable[[int, int], None]
+
+    def __init__(self, region: Region, area: Area) -> None:
+        flags = region.flags
+        prot = (PROT_READ if flags & RegionFlag.READ else 0) | (
+            PROT_WRITE if flags & RegionFlag.WRITE else 0
+        )
+        with raise_as(
+            RegionError,
+            region.device,
+            "mmap",
+            f"region {region.index} area [{area.offset:#x}, +{area.size:#x})",
+        ):
+            self.addr = region.kernel.mmap(
+                region.fd, area.size, region.offset + area.offset, prot, MAP_SHARED
+            )
+        self.region = region
+        self.offset = area.offset
+        self.size = area.size
+        # Precomputed so an access is one compare chain, one add, one C call.
+        self._base = self.addr - area.offset
+        self._set_bounds(area.offset, area.offset + area.size)
+        self._r8, self._r16 = lib.vfiopy_read8, lib.vfiopy_read16
+        self._r32, self._r64 = lib.vfiopy_read32, lib.vfiopy_read64
+        self._w8, self._w16 = lib.vfiopy_write8, lib.vfiopy_write16
+        self._w32, self._w64 = lib.vfiopy_write32, lib.vfiopy_write64
+
+    def _set_bounds(self, lo: int, end: int) -> None:
+        self._lo, self._end = lo, end
+        self._hi8, self._hi16, self._hi32, self._hi64 = end - 1, end - 2, end - 4, end - 8
+
+    @property
+    def closed(self) -> bool:
+        return self._end <= self._lo
+
+    def _bad(self, off: int, width: int) -> RegionError:
+        if self.closed:
+            detail = "the mapping is closed"
+        elif off % width:
+            detail = f"offset {off:#x} is not {width}-byte aligned"
+        else:
+            detail = f"offset {off:#x} (+{width}) is outside [{self.offset:#x}, +{self.size:#x})"
+        return RegionError(
+            errno.EINVAL, self.region.device, f"mmio access region {self.region.index}", detail
+        )
+
+    def read8(self, off: int) -> int:
+        if not self._lo <= off <= self._hi8:
+            raise self._bad(off, 1)
+        return self._r8(self._base + off)
+
+    def read16(self, off: int) -> int:
+        if off & 1 or not self._lo <= off <= self._hi16:
+            raise self._bad(off, 2)
+        return self._r16(self._base + off)
+
+    def read32(self, off: int) -> int:
+        if off & 3 or not self._lo <= off <= self._hi32:
+            raise self._bad(off, 4)
+        return self._r32(self._base + off)
+
+    def read64(self, off: int) -> int:
+        if off & 7 or not self._lo <= off <= self._hi64:
+            raise self._bad(off, 8)
+        return self._r64(self._base + off)
+
+    def write8(self, off: int, value: int) -> None:
+        if not self._lo <= off <= self._hi8:
+            raise self._bad(off, 1)
+        self._w8(self._base + off, value)
+
+    def write16(self, off: int, value: int) -> None:
+        if off & 1 or not self._lo <= off <= self._hi16:
+            raise self._bad(off, 2)
+        self._w16(self._base + off, value)
+
+    def write32(self, off: int, value: int) -> None:
+        if off & 3 or not self._lo <= off <= self._hi32:
+            raise self._bad(off, 4)
+        self._w32(self._base + off, value)
+
+    def write64(self, off: int, value: int) -> None:
+        if off & 7 or not self._lo <= off <= self._hi64:
+            raise self._bad(off, 8)
+        self._w64(self._base + off, value)
+
+    def _span(self, off: int, n: int) -> None:
+        if n < 0 or not self._lo <= off <= self._end - n:
+            raise self._bad(off, 1)
+
+    def read_bytes(self, off: int, n: int) -> bytes:
+        """Copy ``n`` bytes out, in 32-bit accesses where aligned, bytes elsewhere."""
+        self._span(off, n)
+        out: Any = ffi.new("uint8_t[]", n)
+        head = min(-off & 3, n)
+        for i in range(head):
+            out[i] = self._r8(self._base + off + i)
+        words = (n - head) // 4
+        lib.vfiopy_copy_from_io32(out + head, self._base + off + head, words)
+        for i in range(head + 4 * words, n):
+            out[i] = self._r8(self._base + off + i)
+        return bytes(ffi.buffer(out, n))
+
+    def write_bytes(self, off: int, data: bytes) -> None:
+        """Copy ``data`` in, in 32-bit accesses where aligned, bytes elsewhere."""
+        n = len(data)
+        self._span(off, n)
+        head = min(-off & 3, n)
+        for i in range(head):
+            self._w8(self._base + off + i, data[i])
+        words = (n - head) // 4
+        src: Any = ffi.from_buffer(bytes(data[head : head + 4 * words]))
+        lib.vfiopy_copy_to_io32(self._base + off + head, src, words)
+        for i in range(head + 4 * words, n):
+            self._w8(self._base + off + i, data[i])
+
+    def close(self) -> None:
+        """munmap the area. Idempotent."""
+        if self.closed:
+            return
+        self._set_bounds(0, 0)
+        if self in self.region.mappings:
+            self.region.mappings.remove(self)
+        with raise_as(RegionError, self.region.device, "munmap", f"region {self.region.index}"):
+            self.region.kernel.munmap(self.addr, self.size)
+
+    def __repr__(self) -> str:
+        return f"Mapping(region={self.region.index}, offset={self.offset:#x}, size={self.size:#x})"
+
+
+__all__ = ["Area", "Mapping", "Region"]

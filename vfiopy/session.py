@@ -1,0 +1,349 @@
+"""A session: one DMA space, the groups it opened, and its devices.
+
+The container backend shares one container between every group; a group
+opens once and is shared (refcounted) by its devices.  The iommufd backend
+opens devices through their cdevs into one IOAS.
+
+Opening and closing devices is slow (each one resets the device) and is
+meant to run from many threads at once, so the session's lock guards only
+its bookkeeping, never a syscall that can reset: devices of different groups
+open and close in parallel; devices of one group serialise only on that
+group's first open.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from vfiopy._uapi import Closable
+from vfiopy.container import Container
+from vfiopy.device import Device
+from vfiopy.dma import DmaBuffer, DmaSpace, IoasSpace, IovaAllocator
+from vfiopy.errors import OpenDeviceError, ReleaseError, VfioError
+from vfiopy.group import Group
+from vfiopy.iommufd import Iommufd
+from vfiopy.kernel import Kernel, default_kernel
+from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
+
+log = structlog.get_logger(__name__)
+
+Backend = Literal["container", "iommufd"]
+
+
+@dataclass
+class _GroupSlot:
+    """A group shared by the session's devices; ``lock`` serialises its first open."""
+
+    number: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    group: Group | None = None
+    refs: int = 0
+
+
+class Session(Closable):
+    """Owns a DMA space (container, or iommufd + IOAS), groups and devices."""
+
+    def __init__(
+        self,
+        kernel: Kernel | None = None,
+        backend: Backend = "container",
+        sysfs: Sysfs | None = None,
+    ) -> None:
+        if backend not in ("container", "iommufd"):
+            raise ValueError(f"backend must be 'container' or 'iommufd', not {backend!r}")
+        self.kernel = kernel if kernel is not None else default_kernel()
+        self.sysfs = sysfs if sysfs is not None else Sysfs(self.kernel)
+        self.backend: Backend = backend
+        self._lock = threading.Lock()
+        self._groups: dict[int, _GroupSlot] = {}
+        self._devices: dict[PciAddress, Device] = {}
+        self._device_slot: dict[PciAddress, _GroupSlot] = {}
+        self._opening: set[PciAddress] = set()
+        self._buffers: list[DmaBuffer] = []
+        self._allocator: IovaAllocator | None = None
+        self.container: Container | None = None
+        self.iommufd: Iommufd | None = None
+        self.ioas_id: int | None = None
+        self._space: DmaSpace
+        if backend == "container":
+            self.container = Container(self.kernel)
+            self._space = self.container
+        else:
+            self.iommufd = Iommufd(self.kernel)
+            try:
+                self.ioas_id = self.iommufd.alloc_ioas()
+            except BaseException:
+                self.iommufd.close()
+                raise
+            self._space = IoasSpace(self.iommufd, self.ioas_id)
+        self.closed = False
+
+    # --- devices ------------------------------------------------------------------
+    @property
+    def devices(self) -> list[Device]:
+        with self._lock:
+            return list(self._devices.values())
+
+    def device(self, addr: PciAddress | str) -> Device | None:
+        a = PciAddress.of(addr)
+        with self._lock:
+            return self._devices.get(a)
+
+    def _check_bindable(self, addr: PciAddress) -> None:
+        name = str(addr)
+        if not self.sysfs.exists(addr):
+            raise OpenDeviceError(
+                errno.ENODEV,
+                name,
+                detail=f"{self.sysfs.path(addr)} does not exist",
+                advice="the device is gone or the address is wrong; check lspci -D",
+            )
+        driver = self.sysfs.driver(addr)
+        if driver != VFIO_DRIVER:
+            raise OpenDeviceError(
+                errno.ENODEV,
+                name,
+                detail=f"bound to {driver or 'no driver'}, not {VFIO_DRIVER}",
+                advice="bind it first: Sysfs.bind_vfio(addr) or "
+                f"driverctl set-override {name} {VFIO_DRIVER}",
+            )
+
+    def open_device(self, addr: PciAddress | str) -> Device:
+        """Open ``addr``: check sysfs, open its group (once) or cdev, and the device fd."""
+        a = PciAddress.of(addr)
+        with self._lock:
+            if self.closed:
+                raise OpenDeviceError(errno.EBADF, str(a), detail="the session is closed")
+            if a in self._devices or a in self._opening:
+                raise OpenDeviceError(
+                    errno.EBUSY,
+                    str(a),
+                    detail="already open in this session",
+                    advice="use Session.device(addr) to get it",
+                )
+            self._opening.add(a)
+        t0 = time.monotonic()
+        slot: _GroupSlot | None = None
+        try:
+            self._check_bindable(a)
+            if self.iommufd is not None and self.ioas_id is not None:
+                dev = Device.from_cdev(a, self.iommufd, self.ioas_id, self.kernel, self.sysfs)
+            else:
+                slot, group = self._acquire_group(self.sysfs.iommu_group(a))
+                dev = Device.from_group(group, a)
+        except BaseException:
+            with self._lock:
+                self._opening.discard(a)
+            if slot is not None:
+                self._release_group(slot)
+            raise
+        with self._lock:
+            self._opening.discard(a)
+            closed = self.closed
+            if not closed:
+                self._devices[a] = dev
+                if slot is not None:
+                    self._device_slot[a] = slot
+        if closed:
+            # The session closed while this device was opening: undo it.
+            dev.close()
+            if slot is not None:
+                self._release_group(slot)
+            raise OpenDeviceError(errno.EBADF, str(a), detail="the session closed meanwhile")
+        log.debug("device opened", bdf=str(a), elapsed_s=round(time.monotonic() - t0, 6))
+        return dev
+
+    def _acquire_group(self, number: int) -> tuple[_GroupSlot, Group]:
+        """Group ``number``, open and attached, and its slot with one ref taken."""
+        with self._lock:
+            slot = self._groups.get(number)
+            if slot is None:
+                slot = self._groups[number] = _GroupSlot(number)
+            slot.refs += 1
+        try:
+            with slot.lock:
+                group = slot.group
+                if group is None:
+                    group = Group(number, self.kernel, self.sysfs)
+                    try:
+                        group.set_container(self._container())
+                        # The container takes an IOMMU model only once a group
+                        # is attached; set_iommu is a no-op after the first.
+                        self._container().set_iommu()
+                    except BaseException:
+                        group.close()
+                        raise
+                    slot.group = group
+        except BaseException:
+            self._release_group(slot)
+            raise
+        return slot, group
+
+    def _container(self) -> Container:
+        if self.container is None:
+            raise OpenDeviceError(errno.EINVAL, detail="the iommufd backend has no container")
+        return self.container
+
+    def _release_group(self, slot: _GroupSlot) -> None:
+        """Drop one ref; the last one closes the group (outside the session lock).
+
+        The container's IOMMU, and every DMA mapping in it, lives only while
+        some group is attached: the last group stays open (parked, no refs)
+        while DMA buffers exist, and closes when the last buffer is freed.
+        """
+        with self._lock:
+            slot.refs -= 1
+            if slot.refs > 0 or self._parks(slot):
+                return
+            if self._groups.get(slot.number) is slot:
+                del self._groups[slot.number]
+        with slot.lock:
+            group, slot.group = slot.group, None
+        if group is not None:
+            group.close()
+
+    def _parks(self, slot: _GroupSlot) -> bool:
+        """Whether ``slot`` is the last open group and DMA buffers need it (lock held)."""
+        if not self._buffers or slot.group is None:
+            return False
+        return not any(o.group is not None for o in self._groups.values() if o is not slot)
+
+    def close_device(self, dev: Device) -> None:
+        """Close ``dev`` (mappings, IRQs, fd) and drop its group when it was the last."""
+        with self._lock:
+            if self._devices.get(dev.address) is not dev:
+                raise ReleaseError(
+                    errno.EINVAL, dev.name, "close device", detail="not open in this session"
+                )
+            del self._devices[dev.address]
+            slot = self._device_slot.pop(dev.address, None)
+        t0 = time.monotonic()
+        try:
+            dev.close()
+        finally:
+            if slot is not None:
+                self._release_group(slot)
+        log.debug("device closed", bdf=dev.name, elapsed_s=round(time.monotonic() - t0, 6))
+
+    def hot_reset(self, devices: list[Device]) -> None:
+        """One slot/bus reset covering ``devices`` (all of one reset domain).
+
+        The group form names every group of ``devices``; the cdev form is
+        zero-length (the kernel checks the iommufd owns the whole domain).
+        """
+        if not devices:
+            return
+        if self.backend == "iommufd":
+            devices[0].hot_reset()
+            return
+        groups: dict[int, Group] = {}
+        for d in devices:
+            if d.group is not None:
+                groups[d.group.number] = d.group
+        devices[0].hot_reset(groups=list(groups.values()))
+
+    # --- DMA --------------------------------------------------------------------------
+    @property
+    def dma(self) -> DmaSpace:
+        return self._space
+
+    def alloc_dma_buffer(self, size: int) -> DmaBuffer:
+        """Anonymous memory of ``size`` bytes, mapped at a free IOVA of the session."""
+        with self._lock:
+            allocator = self._allocator
+        if allocator is None:
+            # The usable ranges come from the IOMMU: with a container they
+            # exist only once a device's group has set the IOMMU model.
+            try:
+                ranges = self._space.iova_ranges()
+            except VfioError as exc:
+                if self.container is not None and self.container.iommu_type is None:
+                    exc.advice = "open a device first: the IOMMU is set with the first group"
+                raise
+            with self._lock:
+                if self._allocator is None:
+                    self._allocator = IovaAllocator(ranges)
+                allocator = self._allocator
+        buf = DmaBuffer(self._space, size, allocator=allocator, kernel=self.kernel)
+        with self._lock:
+            self._buffers.append(buf)
+        return buf
+
+    def free_dma_buffer(self, buf: DmaBuffer) -> None:
+        """Unmap and release ``buf``; the last one lets a parked group close."""
+        with self._lock:
+            if buf in self._buffers:
+                self._buffers.remove(buf)
+            parked = (
+                []
+                if self._buffers
+                else [o for o in self._groups.values() if o.refs == 0 and o.group is not None]
+            )
+            if not self._buffers:
+                self._allocator = None
+        try:
+            buf.close()
+        finally:
+            for slot in parked:
+                slot.refs += 1  # _release_group drops it again, and closes
+                self._release_group(slot)
+
+    # --- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close everything, in the kernel's order. Idempotent.
+
+        DMA buffers first, while the container's IOMMU still exists (it goes
+        with the last group); then the devices (mappings and IRQs, then fds:
+        the release resets them); then groups; then the container or
+        iommufd.  Every step runs even if one fails; the first error is
+        raised at the end.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            devices = list(self._devices.values())
+            buffers = list(self._buffers)
+        errors: list[BaseException] = []
+        for buf in buffers:
+            try:
+                self.free_dma_buffer(buf)
+            except OSError as exc:
+                errors.append(exc)
+        for dev in devices:
+            try:
+                self.close_device(dev)
+            except OSError as exc:
+                errors.append(exc)
+        with self._lock:
+            slots = list(self._groups.values())
+            self._groups.clear()
+        for slot in slots:
+            # Left only by a device still opening in another thread.
+            if slot.group is not None:
+                try:
+                    slot.group.close()
+                except OSError as exc:
+                    errors.append(exc)
+        for owner in (self.container, self.iommufd):
+            if owner is not None:
+                try:
+                    owner.close()
+                except OSError as exc:
+                    errors.append(exc)
+        for err in errors:
+            log.warning("session close step failed", error=str(err))
+        if errors:
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        return f"Session(backend={self.backend}, devices={len(self._devices)})"
+
+
+__all__ = ["Backend", "Session"]
