@@ -405,3 +405,18 @@ def test_pidfd_getfd_signal_and_exit(qemu: Machine) -> None:
     while len(qemu.events("release")) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(qemu.events("release")) == 2
+
+
+def test_anonymous_memory_is_the_hosts_and_munmap_releases_it(qemu: Machine) -> None:
+    from vfiopy._uapi import MAP_ANONYMOUS, MAP_SHARED, PROT_READ, PROT_WRITE
+
+    p = qemu.spawn()
+    addr = p.mmap(-1, 8192, 0, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS)
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return any(int(line.split("-", 1)[0], 16) == addr for line in f)
+
+    assert mapped()
+    p.munmap(addr, 8192)
+    assert not mapped()

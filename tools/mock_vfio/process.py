@@ -29,6 +29,9 @@ from mock_vfio.files import (
 from mock_vfio.machine import Device, Machine
 from mock_vfio.trace import oserror
 from vfiopy._uapi import CData
+from vfiopy.kernel import LinuxKernel
+
+_HOST = LinuxKernel()
 
 SIM_FD_BASE = 1_000_000
 
@@ -54,6 +57,7 @@ class SimProcess:
         self.signals: list[int] = []
         self._fds: dict[int, File] = {}
         self._maps: list[tuple[int, int, File]] = []
+        self._host_maps: set[tuple[int, int]] = set()
         self._lock = threading.RLock()
         self._exited = threading.Event()
 
@@ -204,9 +208,11 @@ class SimProcess:
 
     def mmap(self, fd: int, length: int, offset: int, prot: int, flags: int) -> int:
         if not self.is_sim_fd(fd):
-            from vfiopy.kernel import LinuxKernel
-
-            return LinuxKernel().mmap(fd, length, offset, prot, flags)
+            # Anonymous memory (DMA buffers) and real fds are the host's own.
+            addr = _HOST.mmap(fd, length, offset, prot, flags)
+            with self._lock:
+                self._host_maps.add((addr, length))
+            return addr
         f = self.file_of(fd)
         self._check(("mmap",), f.device())
         addr = f.mmap(self, length, offset, prot, flags)
@@ -219,6 +225,12 @@ class SimProcess:
         if length <= 0 or addr & 4095:
             raise oserror(errno.EINVAL, "munmap")
         self.machine.faults.check(("munmap",), None)
+        with self._lock:
+            host = (addr, length) in self._host_maps
+            self._host_maps.discard((addr, length))
+        if host:
+            _HOST.munmap(addr, length)
+            return
         with self._lock:
             hit = None
             for i in range(len(self._maps) - 1, -1, -1):
