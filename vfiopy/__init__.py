@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vfiopy._uapi import PciIrq as PciIrq
+from vfiopy._uapi import PciRegion as PciRegion
 from vfiopy.container import Container as Container
 from vfiopy.device import DependentDevice as DependentDevice
 from vfiopy.device import Device as Device
