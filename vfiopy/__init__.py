@@ -41,6 +41,7 @@ from vfiopy.pci import Capability as Capability
 from vfiopy.pci import ConfigSpace as ConfigSpace
 from vfiopy.region import Mapping as Mapping
 from vfiopy.region import Region as Region
+from vfiopy.session import Backend as Backend
 from vfiopy.session import Session as Session
 from vfiopy.sysfs import PciAddress as PciAddress
 from vfiopy.sysfs import Sysfs as Sysfs

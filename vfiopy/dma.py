@@ -87,8 +87,12 @@ class IovaAllocator:
         with self._lock:
             return [IovaRange(s, e - 1) for s, e in self._free]
 
-    def allocate(self, size: int, align: int | None = None) -> int:
-        """An IOVA for ``size`` bytes (rounded up to pages), aligned to ``align``."""
+    def allocate(self, size: int, align: int | None = None, limit: int | None = None) -> int:
+        """An IOVA for ``size`` bytes (rounded up to pages), aligned to ``align``.
+
+        ``limit`` is the device's DMA mask plus one: the block ends at or below it
+        (a device with a 28-bit DMA engine needs ``limit=1 << 28``).
+        """
         align = align or self.page_size
         if size <= 0 or align & (align - 1) or align < self.page_size:
             raise ValueError(f"bad size {size} or alignment {align}")
@@ -96,7 +100,7 @@ class IovaAllocator:
         with self._lock:
             for i, (start, end) in enumerate(self._free):
                 iova = _align_up(start, align)
-                if iova + size > end:
+                if iova + size > end or (limit is not None and iova + size > limit):
                     continue
                 del self._free[i]
                 # Keep the pieces before and after the block.
@@ -108,7 +112,8 @@ class IovaAllocator:
         raise DmaMapError(
             errno.ENOSPC,
             step="allocate IOVA",
-            detail=f"no free IOVA block of {size:#x} bytes",
+            detail=f"no free IOVA block of {size:#x} bytes"
+            + (f" below {limit:#x}" if limit is not None else ""),
             advice="free DMA buffers or map fewer, larger ones",
         )
 
@@ -155,6 +160,7 @@ class DmaBuffer(Closable):
         kernel: Kernel | None = None,
         read: bool = True,
         write: bool = True,
+        limit: int | None = None,
     ) -> None:
         if (allocator is None) == (iova is None):
             raise ValueError("give exactly one of allocator= or iova=")
@@ -168,7 +174,7 @@ class DmaBuffer(Closable):
             )
         try:
             if allocator is not None:
-                self.iova = allocator.allocate(self.size)
+                self.iova = allocator.allocate(self.size, limit=limit)
             elif iova is not None:
                 self.iova = iova
             try:

@@ -30,7 +30,17 @@ class Iommufd(Closable):
     def __init__(self, kernel: Kernel | None = None, path: str = IOMMUFD_PATH) -> None:
         self.kernel = kernel if kernel is not None else default_kernel()
         self.path = path
-        self.fd = open_node(self.kernel, path, O_RDWR, error=OpenIommufdError, device=None)
+        self.fd = open_node(
+            self.kernel,
+            path,
+            O_RDWR,
+            error=OpenIommufdError,
+            device=None,
+            advice={
+                errno.ENOENT: "this kernel has no iommufd (Linux 6.2+, device cdevs 6.6+; "
+                "try modprobe iommufd) - use the container backend instead"
+            },
+        )
         self.closed = False
 
     def _ioctl(

@@ -253,8 +253,11 @@ class Session(Closable):
     def dma(self) -> DmaSpace:
         return self._space
 
-    def alloc_dma_buffer(self, size: int) -> DmaBuffer:
-        """Anonymous memory of ``size`` bytes, mapped at a free IOVA of the session."""
+    def alloc_dma_buffer(self, size: int, limit: int | None = None) -> DmaBuffer:
+        """Anonymous memory of ``size`` bytes, mapped at a free IOVA of the session.
+
+        ``limit``: the IOVA block ends at or below it (the device's DMA mask + 1).
+        """
         with self._lock:
             allocator = self._allocator
         if allocator is None:
@@ -270,7 +273,7 @@ class Session(Closable):
                 if self._allocator is None:
                     self._allocator = IovaAllocator(ranges)
                 allocator = self._allocator
-        buf = DmaBuffer(self._space, size, allocator=allocator, kernel=self.kernel)
+        buf = DmaBuffer(self._space, size, allocator=allocator, kernel=self.kernel, limit=limit)
         with self._lock:
             self._buffers.append(buf)
         return buf

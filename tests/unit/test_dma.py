@@ -118,3 +118,22 @@ def test_dma_buffer_fixed_iova() -> None:
     assert space.log == ["map", "unmap"] and k.maps == {}
     with pytest.raises(ValueError):
         DmaBuffer(space, 4096, kernel=k)
+
+
+def test_allocate_below_a_dma_mask() -> None:
+    a = IovaAllocator([IovaRange(0, (1 << 40) - 1)])
+    low = a.allocate(1 << 20, limit=1 << 28)
+    assert low + (1 << 20) <= 1 << 28
+    with pytest.raises(DmaMapError) as e:
+        a.allocate(1 << 29, limit=1 << 28)
+    assert e.value.errno == errno.ENOSPC and "below 0x10000000" in str(e.value)
+
+
+def test_missing_iommufd_says_to_use_the_container_backend() -> None:
+    from vfiopy.errors import OpenIommufdError
+    from vfiopy.iommufd import Iommufd
+
+    with pytest.raises(OpenIommufdError) as e:
+        Iommufd(LinuxKernel(), path="/nonexistent/iommu")
+    assert e.value.errno == errno.ENOENT
+    assert "container backend" in str(e.value) and "/nonexistent/iommu" in str(e.value)
