@@ -1,0 +1,363 @@
+"""``python -m vfiopy.release`` on the simulator: flows, output, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from release_helpers import MachineFactory, overlap, slow_resets, vfio_devices, wait_until
+
+from vfiopy.release import acquire
+from vfiopy.release.cli import main
+from vfiopy.session import Session
+
+
+def start_vmm(m: Any, addrs: list[str] | None = None, **kw: Any) -> Any:
+    """A simulated VMM process holding ``addrs`` (default: every vfio-pci device)."""
+    vmm = m.spawn(name="vmm", **kw)
+    session = Session(vmm)
+    anyio.run(acquire, session, addrs if addrs is not None else vfio_devices(vmm))
+    return vmm
+
+
+def run(argv: list[str], kernel: Any, capsys: pytest.CaptureFixture[str]) -> tuple[int, Any, str]:
+    capsys.readouterr()  # drop what setup logged (structlog's defaults print to stdout)
+    code = main(argv, kernel=kernel)
+    out, err = capsys.readouterr()
+    doc = json.loads(out) if "--json" in argv and out.strip() else out
+    return code, doc, err
+
+
+def check_schema(doc: dict[str, Any]) -> None:
+    assert set(doc) >= {"schema", "ok", "elapsed_s", "domains", "devices"}
+    assert doc["schema"] == 1 and isinstance(doc["ok"], bool)
+    assert isinstance(doc["elapsed_s"], float)
+    for d in doc["domains"]:
+        assert set(d) == {"id", "devices", "resets"}
+        assert isinstance(d["id"], str) and all(isinstance(a, str) for a in d["devices"])
+        assert d["resets"] is None or isinstance(d["resets"], int)
+    for r in doc["devices"]:
+        assert set(r) == {"address", "domain", "status", "error", "start_s", "end_s"}
+        assert r["status"] in ("released", "failed", "skipped")
+        assert r["error"] is None or isinstance(r["error"], str)
+        assert isinstance(r["start_s"], float) and isinstance(r["end_s"], float)
+        assert r["start_s"] <= r["end_s"]
+
+
+# --- --pid -------------------------------------------------------------------------------
+
+
+def test_pid_flow_overlaps_the_resets_the_exit_would_serialise(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:8")
+    vmm = start_vmm(m)
+    slow_resets(m, vfio_devices(vmm))
+    since = len(m.trace)
+    code, doc, err = run(["--pid", str(vmm.getpid()), "--json"], m.spawn(name="cli"), capsys)
+    assert code == 0, err
+    check_schema(doc)
+    assert doc["ok"] and len(doc["devices"]) == 16 and len(doc["domains"]) == 8
+    assert not vmm.alive
+    resets = [e for e in m.unique_resets(cause="devset") if e in m.trace[since:]]
+    assert len(resets) == 8 and overlap(resets) == 8
+    # Released by our threads, not by the exiting VMM.
+    assert {e.pid for e in m.events("release")[-16:]} != {vmm.getpid()}
+    assert m.open_fds() == 0
+
+
+def test_the_vmm_exit_alone_resets_one_by_one(machine: MachineFactory) -> None:
+    # The contrast the --pid flow is for.
+    m = machine("gpus:8")
+    vmm = start_vmm(m)
+    since = len(m.trace)
+    vmm.exit()
+    resets = [e for e in m.unique_resets(cause="devset") if e in m.trace[since:]]
+    assert len(resets) == 8 and overlap(resets) == 1
+
+
+def test_pid_without_permission_touches_nothing(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    vmm = start_vmm(m, ptraceable=False)
+    code, _, err = run(["--pid", str(vmm.getpid())], m.spawn(name="cli"), capsys)
+    assert code == 1
+    assert "pidfd_getfd" in err and "EPERM" in err and "ptrace" in err
+    assert vmm.alive
+    assert "nothing was signalled" in err
+
+
+def test_absent_pid_is_a_usage_error(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    code, _, err = run(["--pid", "424242"], m.spawn(name="cli"), capsys)
+    assert code == 2
+    assert "424242" in err and "ESRCH" in err
+
+
+def test_pid_dry_run_signals_nothing(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:4")
+    vmm = start_vmm(m)
+    before = len(m.trace)
+    code, out, err = run(["--pid", str(vmm.getpid()), "--dry-run"], m.spawn(name="cli"), capsys)
+    assert code == 0, err
+    assert vmm.alive
+    assert "4 reset domains" in out and "resets: 1" in out
+    assert not [e for e in m.trace[before:] if e.kind in ("reset", "release")]
+    vmm.exit()
+    assert m.open_fds() == 0
+
+
+# --- ADDR ---------------------------------------------------------------------------------
+
+
+def test_address_flow_both_address_forms(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:4")
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    slow_resets(m, addrs)
+    short = [a[5:] if i % 2 else a for i, a in enumerate(addrs)]  # 3b:00.0 and 0000:3b:00.0
+    code, doc, err = run([*short, "--json"], cli, capsys)
+    assert code == 0, err
+    check_schema(doc)
+    assert sorted(r["address"] for r in doc["devices"]) == addrs
+    assert all(r["status"] == "released" for r in doc["devices"])
+    resets = m.unique_resets(cause="devset")
+    assert len(resets) == 4 and overlap(resets) == 4
+    assert m.open_fds() == 0
+
+
+def test_dry_run_json_is_the_plan(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:4")
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    code, doc, _ = run([*addrs, "--dry-run", "--json"], cli, capsys)
+    assert code == 0
+    check_schema(doc)
+    assert doc["dry_run"] is True and doc["ok"] is True
+    assert [d["resets"] for d in doc["domains"]] == [1] * 4
+    assert all(r["status"] == "skipped" for r in doc["devices"])
+    assert not m.events("open") and not m.resets()
+
+
+@pytest.mark.parametrize("bad", ["3b:00", "../../../etc/passwd", "/sys/bus/pci/devices/x", ""])
+def test_malformed_address(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    m = machine("gpus:2")
+    code, _, err = run([bad], m.spawn(name="cli"), capsys)
+    assert code == 2
+    assert "not a PCI address" in err and "0000:3b:00.0" in err
+    assert not m.events("open")
+
+
+def test_absent_device(machine: MachineFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    m = machine("gpus:2")
+    code, doc, err = run(["0000:99:00.0", "--json"], m.spawn(name="cli"), capsys)
+    assert code == 2
+    assert doc["ok"] is False and doc["devices"] == [] and "0000:99:00.0" in doc["error"]
+    assert "0000:99:00.0" in err and "ENODEV" in err and "lspci" in err
+    assert not m.events("open")
+
+
+def test_device_in_use_by_another_process(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    vmm = start_vmm(m)
+    opens = len(m.events("open"))
+    code, _, err = run(vfio_devices(vmm), m.spawn(name="cli"), capsys)
+    assert code == 1
+    assert f"pid {vmm.getpid()}" in err and "EBUSY" in err and "--pid" in err
+    assert len(m.events("open")) == opens
+
+
+def test_device_not_bound_to_vfio(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    gpu = m.device(addrs[0])
+    m.unbind(gpu)
+    m.bind(gpu, "nvidia")
+    code, _, err = run(addrs, cli, capsys)
+    assert code == 1
+    assert addrs[0] in err and "nvidia" in err and "driverctl" in err
+    assert not m.events("open")
+
+
+def test_non_viable_group(machine: MachineFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    m = machine("gpus:2")
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    audio = m.device(addrs[1])
+    m.unbind(audio)
+    m.bind(audio, "snd_hda_intel")
+    code, _, err = run([addrs[0]], cli, capsys)
+    assert code == 1
+    assert addrs[1] in err and "snd_hda_intel" in err and "group" in err
+    assert not m.events("open")
+
+
+def test_usage_errors(machine: MachineFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    m = machine("gpus:2")
+    cli = m.spawn(name="cli")
+    assert run([], cli, capsys)[0] == 2
+    assert run(["--pid", "1", "0000:01:00.0"], cli, capsys)[0] == 2
+    assert run(["--simulate-vmm"], cli, capsys)[0] == 2
+    assert run(["--bogus"], cli, capsys)[0] == 2
+
+
+# --- signals -------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_release_still_releases_every_fd(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:8")
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    for a in addrs:
+        m.faults.slow_reset(a, 1.0)
+
+    def kill_when_releasing() -> None:
+        if wait_until(lambda: bool(m.events("release")), timeout=10):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # A safety net: SIGTERM must never reach pytest's default action.
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        t = threading.Thread(target=kill_when_releasing)
+        t.start()
+        code, doc, err = run([*addrs, "--json"], cli, capsys)
+        t.join()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    check_schema(doc)
+    assert len(doc["devices"]) == 16
+    assert all(r["status"] == "released" for r in doc["devices"])
+    assert "release.interrupted" in err
+    assert code == 0
+    assert m.open_fds() == 0
+
+
+# --- the real entry point --------------------------------------------------------------------
+
+
+def test_module_entry_point_simulated_vmm() -> None:
+    env = dict(os.environ)
+    env.pop("VFIOPY_SIMULATE", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfiopy.release",
+            "--simulate",
+            "gpus:4",
+            "--simulate-vmm",
+            "--time-scale",
+            "0.02",
+            "--reset-model",
+            "pre-6.3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    check_schema(doc)
+    assert doc["ok"] and len(doc["devices"]) == 8
+    assert "up to 4 at once" in proc.stderr
+
+
+def test_pid_without_vfio_fds_signals_nothing(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    bystander = m.spawn(name="shell")
+    code, _, err = run(["--pid", str(bystander.getpid())], m.spawn(name="cli"), capsys)
+    assert code == 1
+    assert "no VFIO device fds" in err and "nothing was signalled" in err
+    assert bystander.alive and not bystander.signals
+
+
+def test_pid_flow_iommufd_vmm(machine: MachineFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    m = machine("gpus:4")
+    vmm = m.spawn(name="vmm")
+    session = Session(vmm, backend="iommufd")
+    anyio.run(acquire, session, vfio_devices(vmm))
+    slow_resets(m, vfio_devices(vmm))
+    code, doc, err = run(["--pid", str(vmm.getpid()), "--json"], m.spawn(name="cli"), capsys)
+    assert code == 0, err
+    assert doc["ok"] and len(doc["devices"]) == 8
+    resets = m.unique_resets(cause="devset")
+    assert len(resets) == 4 and overlap(resets) == 4
+    assert m.open_fds() == 0
+
+
+def test_pid_flow_kills_after_grace(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A VMM that ignores SIGTERM (here: SIGINT, which the simulator does not act on).
+    m = machine("gpus:2")
+    vmm = start_vmm(m)
+    code, doc, err = run(
+        ["--pid", str(vmm.getpid()), "--signal", "INT", "--grace", "0.05", "--json"],
+        m.spawn(name="cli"),
+        capsys,
+    )
+    assert code == 0, err
+    assert vmm.signals == [signal.SIGINT, signal.SIGKILL]
+    assert doc["ok"] and m.open_fds() == 0
+
+
+def test_logs_are_json_lines_on_stderr_off_a_tty(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    cli = m.spawn(name="cli")
+    code, out, err = run(vfio_devices(cli), cli, capsys)
+    assert code == 0
+    assert out == ""  # stdout is for --json only
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    released = [e for e in events if e["event"] == "release.device"]
+    assert len(released) == 4
+    assert all({"bdf", "domain", "reset", "elapsed_s", "level"} <= set(e) for e in released)
+    assert "4/4 devices released in 2 reset domains" in err
+
+
+def test_progress_line_per_domain() -> None:
+    import io
+
+    from vfiopy.release import DeviceResult, DomainResult, Status
+    from vfiopy.release.cli import _Progress
+
+    buf = io.StringIO()
+    p = _Progress(buf, 2)
+    d = DomainResult("0000:03", ["0000:03:00.0"], 1)
+    r = DeviceResult("0000:03:00.0", "0000:03", Status.RELEASED, end_s=0.5)
+    p("start", d, [r])
+    assert "[0/2 domains] running: 0000:03" in buf.getvalue()
+    p("end", d, [r])
+    p.finish()
+    assert "domain 0000:03: ok (1 device, done at 0.500 s)" in buf.getvalue()
+    assert "[1/2 domains]" in buf.getvalue()

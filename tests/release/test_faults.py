@@ -1,0 +1,103 @@
+"""Faults mid-release: every device accounted for once, no fd left open in the simulator."""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import Any
+
+import anyio
+import pytest
+from release_helpers import MachineFactory, vfio_devices, wait_until
+
+from vfiopy.release import Status, acquire, release
+from vfiopy.session import Session
+
+pytestmark = pytest.mark.anyio
+
+
+async def opened(m: Any, name: str = "vmm") -> tuple[Session, list[str]]:
+    proc = m.spawn(name=name)
+    session = Session(proc)
+    addrs = vfio_devices(proc)
+    await acquire(session, addrs)
+    return session, addrs
+
+
+def accounted(report: Any, addrs: list[str]) -> None:
+    assert sorted(r.address for r in report.devices) == sorted(addrs)
+    assert len(report.devices) == len(addrs)
+
+
+async def test_eio_on_one_release(machine: MachineFactory) -> None:
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    bad = addrs[2]
+    m.faults.fail("close", errno.EIO, device=bad)
+    report = await release(session)
+    accounted(report, addrs)
+    failed = report.failed()
+    assert [r.address for r in failed] == [bad]
+    assert failed[0].errno == errno.EIO and bad in (failed[0].error or "")
+    assert not report.ok
+    assert m.open_fds() == 0
+
+
+async def test_hung_reset_past_the_timeout(machine: MachineFactory) -> None:
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    stuck = addrs[0]  # the first GPU: its set's bus reset hangs
+    ev = m.faults.hang_reset(stuck)
+    t0 = time.monotonic()
+    report = await release(session, timeout=0.3)
+    assert time.monotonic() - t0 < 3.0  # the hung domain did not hold up the run
+    accounted(report, addrs)
+    failed = {r.address: r for r in report.failed()}
+    domain = report.devices[[r.address for r in report.devices].index(stuck)].domain
+    in_domain = [r.address for r in report.devices if r.domain == domain]
+    assert set(failed) <= set(in_domain) and failed
+    assert all(
+        r.errno == errno.ETIMEDOUT and "timed out" in (r.error or "") for r in failed.values()
+    )
+    assert [d.id for d in report.domains if d.timed_out] == [domain]
+    others = [r for r in report.devices if r.domain != domain]
+    assert all(r.status is Status.RELEASED for r in others)
+    # The abandoned worker finishes once the reset returns; then nothing is left open.
+    ev.set()
+    assert wait_until(lambda: m.open_fds() == 0)
+
+
+async def test_device_removed_mid_release(machine: MachineFactory) -> None:
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    gone = addrs[3]
+    for a in addrs[:2]:
+        m.faults.slow_reset(a, 1.0)
+
+    async def remove_soon() -> None:
+        await anyio.sleep(0.005)
+        m.remove_device(gone)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(remove_soon)
+        report = await release(session)
+    accounted(report, addrs)
+    assert all(r.status in (Status.RELEASED, Status.FAILED) for r in report.devices)
+    assert m.open_fds() == 0
+
+
+async def test_cancelled_mid_release_still_releases_everything(
+    machine: MachineFactory,
+) -> None:
+    m = machine("gpus:8")
+    session, addrs = await opened(m)
+    report = None
+    with anyio.move_on_after(0.002) as scope:
+        report = await release(session)
+        await anyio.sleep(1)  # the cancellation lands here, after the shielded release
+    assert scope.cancelled_caught
+    assert report is not None
+    accounted(report, addrs)
+    assert report.ok
+    assert len(m.unique_resets(cause="devset")) == 8
+    assert m.open_fds() == 0

@@ -1,0 +1,101 @@
+"""What a release, reset or acquire did: one record per device, one per domain."""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = 1
+
+
+class Status(enum.StrEnum):
+    """The fate of one device; every device of a run ends in exactly one."""
+
+    RELEASED = "released"
+    RESET = "reset"  # reset without closing: the device stays open and ours
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(slots=True)
+class DeviceResult:
+    """One device: where it sits, what happened, and when (seconds from the run's start)."""
+
+    address: str
+    domain: str
+    status: Status = Status.SKIPPED
+    error: str | None = None
+    errno: int | None = None
+    start_s: float = 0.0
+    end_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "domain": self.domain,
+            "status": str(self.status),
+            "error": self.error,
+            "start_s": round(self.start_s, 6),
+            "end_s": round(self.end_s, 6),
+        }
+
+
+@dataclass(slots=True)
+class DomainResult:
+    """One reset domain; ``resets`` is how many resets the run expects to cause there.
+
+    ``None`` where that is not known in advance (the kernel decides, e.g. a
+    set whose bus reset is blocked by a function bound to a host driver).
+    """
+
+    id: str
+    devices: list[str]
+    resets: int | None
+    timed_out: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "devices": list(self.devices), "resets": self.resets}
+
+
+@dataclass(slots=True)
+class Report:
+    """The outcome of one run; ``ok`` only when every device was released."""
+
+    action: str
+    domains: list[DomainResult] = field(default_factory=list)
+    devices: list[DeviceResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(d.status in (Status.RELEASED, Status.RESET) for d in self.devices)
+
+    def counts(self) -> dict[str, int]:
+        out = {str(s): 0 for s in Status}
+        for d in self.devices:
+            out[str(d.status)] += 1
+        return out
+
+    def failed(self) -> list[DeviceResult]:
+        return [d for d in self.devices if d.status in (Status.FAILED, Status.SKIPPED)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "ok": self.ok,
+            "elapsed_s": round(self.elapsed_s, 6),
+            "domains": [d.to_json() for d in self.domains],
+            "devices": [d.to_json() for d in self.devices],
+        }
+
+
+def describe(exc: BaseException) -> tuple[str, int | None]:
+    """A one-line message and the errno for an exception caught around a device."""
+    err = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    if isinstance(exc, OSError) and err and not text.strip():
+        text = f"{_errno.errorcode.get(err, err)} ({exc.strerror})"
+    return text or type(exc).__name__, err

@@ -1,0 +1,545 @@
+"""``python -m vfiopy.release``: reset and release devices, or tear down a VMM's, concurrently.
+
+Exit status: 0 when every device asked for was released (or, with
+``--dry-run``, could be); 1 when any failed or was refused (in use, wrong
+driver, non-viable group, a reset domain shared with a device not ours, no
+permission on the pid); 2 for usage errors (bad options, a malformed
+address, an address or pid that names nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+import anyio
+import anyio.abc
+import structlog
+
+from vfiopy.errors import AddressError
+from vfiopy.kernel import Kernel, default_kernel
+from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
+from vfiopy.release._manager import plan_for, release_addresses
+from vfiopy.release._plan import Plan, UsageError, parse_addresses
+from vfiopy.release._process import parse_signal
+from vfiopy.release._report import SCHEMA, DeviceResult, DomainResult, Report, Status
+from vfiopy.release._takeover import Takeover, release_process, take_over
+
+if TYPE_CHECKING:
+    from vfiopy.session import Backend
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TIMEOUT = 90.0  # a bus reset may poll up to 60 s for the device to come back
+
+log = structlog.get_logger("vfiopy.release")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # argparse's own usage errors exit 2, as EXIT_USAGE says.
+    p = argparse.ArgumentParser(
+        prog="python -m vfiopy.release",
+        description="Reset and release VFIO devices concurrently, one reset per reset domain "
+        "and domains in parallel; or tear down a VMM (--pid) so its devices' resets run in "
+        "parallel instead of one by one in its exit.",
+        epilog="Exit status: 0 all released, 1 any failed or refused, 2 usage error.",
+    )
+    p.add_argument(
+        "addresses",
+        nargs="*",
+        metavar="ADDR",
+        help="PCI address (0000:3b:00.0 or 3b:00.0) of a device bound to vfio-pci and not in use",
+    )
+    p.add_argument(
+        "--pid",
+        type=int,
+        help="tear down this VMM process: take its VFIO device "
+        "fds, signal it, wait for its exit, release the devices concurrently",
+    )
+    p.add_argument("--signal", default="TERM", help="signal for --pid (default TERM)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds to wait after --signal before SIGKILL (default 10)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (domains, devices, expected resets) and touch nothing",
+    )
+    p.add_argument(
+        "--json", action="store_true", help=f"write one JSON document (schema {SCHEMA}) on stdout"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds per reset domain before it is reported failed and abandoned "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--max-parallel",
+        type=int,
+        default=DEFAULT_MAX_PARALLEL,
+        help=f"worker threads at most (default {DEFAULT_MAX_PARALLEL}); the run "
+        "uses one per reset domain up to this",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["container", "iommufd"],
+        default="container",
+        help="how ADDR devices are opened (default container)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log events on stderr (-v: every device, -vv: debug)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only on stderr")
+    sim = p.add_argument_group("simulator (no hardware needed)")
+    sim.add_argument(
+        "--simulate",
+        metavar="TOPOLOGY",
+        default=os.environ.get("VFIOPY_SIMULATE") or None,
+        help="run against the kernel simulator with this topology, e.g. gpus:8 "
+        "(default: $VFIOPY_SIMULATE)",
+    )
+    sim.add_argument(
+        "--kernel-model",
+        choices=["devset", "legacy"],
+        help="devset: Linux >= 5.0, device sets release in parallel (default); "
+        "legacy: one driver lock serialises every release",
+    )
+    sim.add_argument(
+        "--reset-model",
+        choices=["current", "pre-6.3"],
+        help="bus reset delays of Linux >= 6.3 (link-speed dependent) or before (1 s); "
+        "default pre-6.3",
+    )
+    sim.add_argument(
+        "--time-scale",
+        type=float,
+        help="simulated delays times this (default 1: real reset times)",
+    )
+    sim.add_argument(
+        "--simulate-vmm",
+        action="store_true",
+        help="spawn a simulated VMM process holding the ADDR devices (all vfio-pci "
+        "devices when none are given) and use it as --pid",
+    )
+    return p
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def configure_logging(verbose: int, quiet: bool, stream: TextIO) -> None:
+    """Console renderer on a TTY, JSON lines otherwise; always on ``stream`` (stderr)."""
+    tty = stream.isatty()
+    if quiet:
+        level = logging.ERROR
+    elif verbose >= 2:
+        level = logging.DEBUG
+    elif verbose or not tty:
+        level = logging.INFO
+    else:
+        # On a TTY the progress line says what the per-device events would.
+        level = logging.WARNING
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=True) if tty else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+@dataclass
+class _Progress:
+    """One status line per run on a TTY: domains done, running, failed."""
+
+    stream: TextIO
+    total: int
+    done: int = 0
+    running: set[str] = field(default_factory=set)
+    failed: int = 0
+    LINES_UP_TO = 64  # a line per finished domain; beyond, only failures get one
+
+    def __call__(self, phase: str, domain: DomainResult, devices: Sequence[DeviceResult]) -> None:
+        if phase == "start":
+            self.running.add(domain.id)
+        else:
+            self.running.discard(domain.id)
+            self.done += 1
+            bad = [d for d in devices if d.status is Status.FAILED]
+            self.failed += bool(bad)
+            state = "FAILED" if bad else "ok"
+            span = max((d.end_s for d in devices), default=0.0)
+            if bad or self.total <= self.LINES_UP_TO:
+                self.stream.write(
+                    f"\r\x1b[K  domain {domain.id}: {state} "
+                    f"({_n(len(devices), 'device')}, done at {span:.3f} s)\n"
+                )
+        shown = ", ".join(sorted(self.running)[:4]) + (" ..." if len(self.running) > 4 else "")
+        self.stream.write(f"\r\x1b[K[{self.done}/{self.total} domains] running: {shown}")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+
+def plan_report(plan: Plan, action: str) -> Report:
+    """The plan as a report of skipped devices, for ``--dry-run --json``."""
+    report = Report(action)
+    for d in plan.domains:
+        report.domains.append(
+            DomainResult(d.id, list(d.devices), d.release_resets if action == "release" else 1)
+        )
+        report.devices += [DeviceResult(a, d.id) for a in d.devices]
+    return report
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def summary(report: Report) -> list[str]:
+    c = report.counts()
+    lines = [
+        f"{c['released'] + c['reset']}/{_n(len(report.devices), 'device')} released in "
+        f"{_n(len(report.domains), 'reset domain')} in {report.elapsed_s:.3f} s"
+        + (f"; {c['failed']} failed" if c["failed"] else "")
+        + (f"; {c['skipped']} skipped" if c["skipped"] else "")
+    ]
+    lines += [f"  {d.address}: {d.status}: {d.error}" for d in report.failed()]
+    if report.interrupted:
+        lines.append("interrupted: every device fd taken was still released or given back")
+    return lines
+
+
+# --- simulator ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Sim:
+    machine: Any
+    kernel: Kernel
+    vmm: Any = None
+
+
+def _simulator(args: argparse.Namespace) -> _Sim:
+    from vfiopy.simulate import machine_of, simulated_kernel
+
+    # Options given here win over those in the spec (and its VFIOPY_SIM_* defaults).
+    spec = args.simulate
+    for key, value in (
+        ("kernel", args.kernel_model),
+        ("reset", args.reset_model),
+        ("scale", args.time_scale),
+    ):
+        if value is not None:
+            spec += f",{key}={value}"
+    kernel = simulated_kernel(spec)
+    return _Sim(machine_of(kernel), kernel)
+
+
+def _spawn_vmm(sim: _Sim, addresses: list[str], backend: str) -> int:
+    """A simulated VMM process that opened ``addresses`` (all vfio-pci devices when empty)."""
+    from vfiopy.release._manager import acquire
+    from vfiopy.session import Session
+    from vfiopy.sysfs import VFIO_DRIVER, Sysfs
+
+    vmm = sim.machine.spawn(name="vmm")
+    if not addresses:
+        sysfs = Sysfs(vmm)
+        addresses = [str(a) for a in sysfs.devices() if sysfs.driver(a) == VFIO_DRIVER]
+    session = Session(vmm, backend=_backend(backend))
+    anyio.run(_acquire_quietly, acquire, session, addresses)
+    sim.vmm = (vmm, session)
+    return int(vmm.getpid())
+
+
+async def _acquire_quietly(acquire: Any, session: Any, addresses: list[str]) -> None:
+    await acquire(session, addresses)
+
+
+def _sim_summary(sim: _Sim, since: float) -> list[str]:
+    """How the simulated resets overlapped (the point of --pid)."""
+    resets = [e for e in sim.machine.unique_resets() if e.start >= since]
+    if not resets:
+        return ["simulator: no resets"]
+    spans = sorted((e.start, e.end) for e in resets)
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    peak = cur = 0
+    for _, step in events:
+        cur += step
+        peak = max(peak, cur)
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    serial = sum(e - s for s, e in spans)
+    kinds: dict[str, int] = {}
+    for e in resets:
+        kinds[e.method or "?"] = kinds.get(e.method or "?", 0) + 1
+    what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return [
+        f"simulator: {_n(len(resets), 'reset')} ({what}), up to {peak} at once, {wall:.3f} s from "
+        f"first to last; one by one, as the process's own exit runs them: {serial:.3f} s"
+    ]
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
+    """Run the CLI; ``kernel`` (a simulated process, in tests) replaces the system's."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    err = sys.stderr
+    configure_logging(args.verbose, args.quiet, err)
+    if args.pid is not None and args.addresses and not args.simulate_vmm:
+        return _usage("give device addresses or --pid, not both")
+    if args.simulate_vmm and not args.simulate:
+        return _usage("--simulate-vmm needs --simulate TOPOLOGY")
+    if args.simulate_vmm and args.pid is not None:
+        return _usage("--simulate-vmm chooses the pid itself; leave out --pid")
+    if args.pid is None and not args.addresses and not args.simulate_vmm:
+        return _usage("give device addresses or --pid PID")
+    if (
+        args.max_parallel < 1
+        or args.timeout <= 0
+        or args.grace < 0
+        or (args.time_scale is not None and args.time_scale < 0)
+    ):
+        return _usage("--max-parallel must be >= 1, --timeout > 0, --grace and --time-scale >= 0")
+    try:
+        sig = parse_signal(args.signal)
+        addresses = [str(a) for a in parse_addresses(args.addresses)]
+    except (ValueError, AddressError) as exc:
+        return _usage(str(exc))
+    sim: _Sim | None = None
+    try:
+        if kernel is not None:
+            machine = getattr(kernel, "machine", None)
+            sim = _Sim(machine, kernel) if machine is not None else None
+        elif args.simulate:
+            sim = _simulator(args)
+            kernel = sim.kernel
+        else:
+            kernel = default_kernel()
+        pid = args.pid
+        if args.simulate_vmm:
+            assert sim is not None
+            pid = _spawn_vmm(sim, addresses, args.backend)
+            if not args.quiet:
+                err.write(f"simulated VMM: pid {pid} holds {len(sim.vmm[1].devices)} devices\n")
+        since = time.monotonic()
+        if pid is not None:
+            code = _run_pid(args, kernel, pid, sig)
+        else:
+            code = _run_addresses(args, kernel, addresses)
+        if sim is not None and not args.dry_run and not args.quiet:
+            for line in _sim_summary(sim, since):
+                err.write(line + "\n")
+        return code
+    except UsageError as exc:
+        return _refuse(args, exc, EXIT_USAGE)
+    except OSError as exc:  # VfioError, or an unexpected OSError from the system
+        return _refuse(args, exc, EXIT_FAILED)
+
+
+def _refuse(args: argparse.Namespace, exc: OSError, code: int) -> int:
+    """Nothing was done: say why on stderr and, with --json, in the document too."""
+    sys.stderr.write(f"error: {exc}\n")
+    if args.json:
+        doc = Report("release").to_json()
+        doc["ok"] = False
+        doc["error"] = str(exc)
+        sys.stdout.write(json.dumps(doc) + "\n")
+    return code
+
+
+def _backend(name: str) -> Backend:
+    return "iommufd" if name == "iommufd" else "container"
+
+
+def _usage(message: str) -> int:
+    build_parser().print_usage(sys.stderr)
+    sys.stderr.write(f"python -m vfiopy.release: error: {message}\n")
+    return EXIT_USAGE
+
+
+abandoned_workers = False
+"""Set when a domain timed out: its worker thread may still sit in a hung reset."""
+
+
+def _emit(
+    args: argparse.Namespace, report: Report, dry_run: bool = False, plan_ok: bool = True
+) -> int:
+    if args.json:
+        doc = report.to_json()
+        if dry_run:
+            doc["ok"] = plan_ok
+            doc["dry_run"] = True
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+    if dry_run:
+        return EXIT_OK if plan_ok else EXIT_FAILED
+    global abandoned_workers
+    abandoned_workers = abandoned_workers or any(d.timed_out for d in report.domains)
+    if not args.quiet:
+        for line in summary(report):
+            sys.stderr.write(line + "\n")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_plan(args: argparse.Namespace, plan: Plan, action: str) -> None:
+    # The plan is what --dry-run was asked for: stdout, unless --json owns it.
+    out = sys.stderr if args.json else sys.stdout
+    for line in plan.describe(action):
+        out.write(line + "\n")
+
+
+def _progress(args: argparse.Namespace, plan: Plan) -> _Progress | None:
+    if args.quiet or not sys.stderr.isatty():
+        return None
+    return _Progress(sys.stderr, len(plan.domains))
+
+
+class _Signals:
+    """SIGINT/SIGTERM: stop waiting, but finish (shielded) what holds device fds."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    async def watch(
+        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for s in signals:
+                if self.received is None:
+                    log.warning(
+                        "release.interrupted",
+                        reason="finishing the release so that no fd stays open",
+                        signal=signal.Signals(s).name,
+                    )
+                self.received = s
+                scope.cancel()
+
+
+def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str]) -> int:
+    plan = plan_for(kernel, addresses)
+    if args.dry_run:
+        _print_plan(args, plan, "release")
+        return _emit(args, plan_report(plan, "release"), dry_run=True)
+    from vfiopy.session import Session
+
+    session = Session(kernel, backend=_backend(args.backend))
+    progress = _progress(args, plan)
+    box: list[Report] = []
+    signals = _Signals()
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(signals.watch, tg.cancel_scope)
+            box.append(
+                await release_addresses(
+                    session,
+                    plan,
+                    max_parallel=args.max_parallel,
+                    timeout=args.timeout,
+                    progress=progress,
+                )
+            )
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)
+    if progress is not None:
+        progress.finish()
+    report = box[0]
+    report.interrupted = signals.received is not None
+    return _emit(args, report)
+
+
+def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> int:
+    takeover: Takeover = take_over(kernel, pid)
+    if not takeover.fds:
+        takeover.close()
+        sys.stderr.write(
+            f"error: pid {pid} holds no VFIO device fds; nothing was signalled "
+            "(is it the VMM? its devices may be opened by another process)\n"
+        )
+        return EXIT_FAILED
+    if args.dry_run:
+        takeover.close()
+        _print_plan(args, takeover.plan, "release")
+        for f in takeover.unknown:
+            sys.stderr.write(
+                f"  fd {f.fd} ({f.link}): device not identified; left to the process's own exit\n"
+            )
+        return _emit(
+            args, plan_report(takeover.plan, "release"), dry_run=True, plan_ok=not takeover.unknown
+        )
+    progress = _progress(args, takeover.plan)
+    box: list[Report] = []
+    signals = _Signals()
+
+    def phase(p: str) -> None:
+        if progress is not None and p != "release":
+            sys.stderr.write(f"\r\x1b[K{p} pid {pid}...")
+            sys.stderr.flush()
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(signals.watch, tg.cancel_scope)
+            box.append(
+                await release_process(
+                    takeover,
+                    sig=sig,
+                    grace=args.grace,
+                    max_parallel=args.max_parallel,
+                    timeout=args.timeout,
+                    progress=progress,
+                    on_phase=phase,
+                )
+            )
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(run)
+    finally:
+        takeover.close()
+    if progress is not None:
+        progress.finish()
+    report = box[0]
+    for f in takeover.unknown:
+        report.devices.append(
+            DeviceResult(
+                f"pid {pid} fd {f.fd}",
+                "?",
+                Status.SKIPPED,
+                "device not identified (no fdinfo vfio-device-syspath, config space ambiguous); "
+                "the process's own exit released it",
+            )
+        )
+    report.interrupted = report.interrupted or signals.received is not None
+    return _emit(args, report)
