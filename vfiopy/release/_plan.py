@@ -162,7 +162,7 @@ def make_plan(
             by_member[s].devices.append(s)
             continue
         try:
-            members = _reset_reach(sysfs, a)
+            members = sysfs.reset_domain(a)
         except SysfsError as exc:
             if not strict:
                 # Removed mid-life: its fd still closes, and resets nothing else.
@@ -195,17 +195,6 @@ def make_plan(
                 d.host_bound.append((ms, drv))
         domains.append(d)
     return Plan(domains)
-
-
-def _reset_reach(sysfs: Sysfs, a: PciAddress) -> list[PciAddress]:
-    # A VF cannot be bus-reset (it has no bus of its own; pci_parent_bus_reset
-    # needs the function alone on the bus) and has a device set of its own
-    # since the 2025 is_virtfn change: its reset touches only itself.  On
-    # older kernels its VFs share the bus's set, which costs lock waits, not
-    # safety.
-    if sysfs.kernel.exists(sysfs.path(a, "physfn")):
-        return [a]
-    return sysfs.reset_domain(a)
 
 
 def _driver(sysfs: Sysfs, a: PciAddress) -> str | None:
