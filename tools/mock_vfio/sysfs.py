@@ -8,7 +8,9 @@ links to ``../../../devices/pci0000:00/<bridges>/X``; ``iommu_group`` and
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,9 +35,17 @@ _SPEED_NAMES = {
 _ALL_METHODS = ("device_specific", "acpi", "flr", "af_flr", "pm", "bus", "cxl_bus")
 
 
-@dataclass
 class Dir:
-    entries: list[str]
+    """A directory; a callable listing is computed only when someone lists it
+    (path walks pass through directories far more often than they list them)."""
+
+    def __init__(self, entries: list[str] | Callable[[], list[str]]) -> None:
+        self._entries = entries
+
+    @property
+    def entries(self) -> list[str]:
+        e = self._entries
+        return e() if callable(e) else e
 
 
 @dataclass
@@ -303,14 +313,24 @@ def _bridge_entry(m: Machine, br: Bridge, name: str, depth: int) -> Node | None:
     return None
 
 
+_CHILDREN: weakref.WeakKeyDictionary[
+    Machine, tuple[tuple[int, int], dict[tuple[str, str | None], list[str]]]
+] = weakref.WeakKeyDictionary()
+
+
 def _children(m: Machine, bus_owner: Bridge | None, domain: str) -> list[str]:
-    out = []
-    for addr in list(m.bridges) + list(m.devices):
-        if addr[:4] != domain:
-            continue
-        if _parent_of(m, addr) == (bus_owner.addr if bus_owner else None):
-            out.append(addr)
-    return sorted(out)
+    # Path walks ask this for every component; an index keeps a 2048-VF tree
+    # linear.  Devices only appear or vanish (SR-IOV, removal), never move, so
+    # the counts tell when the index is stale.
+    key = (len(m.bridges), len(m.devices))
+    cached = _CHILDREN.get(m)
+    if cached is None or cached[0] != key:
+        index: dict[tuple[str, str | None], list[str]] = {}
+        for addr in sorted([*m.bridges, *m.devices]):
+            index.setdefault((addr[:4], _parent_of(m, addr)), []).append(addr)
+        cached = (key, index)
+        _CHILDREN[m] = cached
+    return list(cached[1].get((domain, bus_owner.addr if bus_owner else None), []))
 
 
 def _parent_of(m: Machine, addr: str) -> str | None:
@@ -387,7 +407,7 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
             dev = m.devices[addr]
             depth = i + 1  # components under /sys of the device directory
             if i + 1 == n:
-                return Dir(_device_listing(m, dev))
+                return Dir(functools.partial(_device_listing, m, dev))
             rest = p[i + 1 :]
             if rest[0] == "vfio-dev":
                 if dev.driver != "vfio-pci" or not m.cdev:
