@@ -300,7 +300,7 @@ def _sim_summary(sim: _Sim, since: float) -> list[str]:
     what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
     return [
         f"simulator: {_n(len(resets), 'reset')} ({what}), up to {peak} at once, {wall:.3f} s from "
-        f"first to last; one by one, as the process's own exit runs them: {serial:.3f} s"
+        f"first to last; run one by one, as the process's own exit would, their durations add up to {serial:.3f} s"
     ]
 
 
