@@ -120,24 +120,9 @@ def test_finds_the_edu_and_prints_steps(machine: Any, capsys: pytest.CaptureFixt
     assert machine.open_fds() == 0
 
 
-# The simulator's edu notices a store only when the register's value changes
-# (tools/mock_vfio/devices.py, Edu.service), so writing n where the register
-# already holds n (0 after reset; 1 or 2 when it holds 1! or 2!) computes
-# nothing there, while QEMU's edu computes on every store to 0x08.
-SIM_MISSES_SAME_VALUE = pytest.mark.xfail(
-    strict=True, reason="the simulated edu ignores a store of the value the register holds"
-)
-
-
 @pytest.mark.parametrize(
     "n",
-    [
-        pytest.param(0, marks=SIM_MISSES_SAME_VALUE),
-        pytest.param(1, marks=SIM_MISSES_SAME_VALUE),
-        3,
-        13,
-        40,
-    ],
+    [0, 1, 3, 13, 40],
 )
 def test_factorial_wraps_like_the_device(
     machine: Any, capsys: pytest.CaptureFixture[str], n: int

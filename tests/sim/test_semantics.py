@@ -301,6 +301,13 @@ def test_irq_eventfd_really_fires(qemu: Machine) -> None:
     os.close(efd2)
 
 
+def _edu_wait_dma_idle(p: object, d: int) -> None:
+    deadline = time.monotonic() + 2.0
+    while struct.unpack("<I", p.pread(d, 4, 0x98))[0] & 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the DMA never finished"
+        time.sleep(0.001)
+
+
 def test_edu_factorial_irq_and_dma(qemu: Machine) -> None:
     p = qemu.spawn()
     c, _, d = open_device(p, EDU)
@@ -308,6 +315,9 @@ def test_edu_factorial_irq_and_dma(qemu: Machine) -> None:
     assert lib.vfiopy_read32(bar) == 0x010000ED
     p.pwrite(d, struct.pack("<I", 0x1234), 0x04)
     assert struct.unpack("<I", p.pread(d, 4, 0x04))[0] == ~0x1234 & 0xFFFFFFFF
+    cfg = PciRegion.CONFIG << 40
+    command = struct.unpack("<H", p.pread(d, 2, cfg + 0x04))[0]
+    p.pwrite(d, struct.pack("<H", command | 0x4), cfg + 0x04)  # bus master: MSI and DMA
     efd = p.eventfd(0, 0)
     s = Struct("struct vfio_irq_set", 24)
     s.p.flags = IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER
@@ -320,17 +330,19 @@ def test_edu_factorial_irq_and_dma(qemu: Machine) -> None:
     assert os.eventfd_read(efd) == 1
     assert lib.vfiopy_read32(bar + 0x08) == 120
     assert lib.vfiopy_read32(bar + 0x24) & 1
-    # DMA from RAM into the device buffer and back
+    # DMA as a driver checks it: RAM page 0 -> device buffer -> RAM page 1
     buf = ffi.new("char[]", 3 * PAGE_SIZE)
     va = (int(ffi.cast("uintptr_t", buf)) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     ffi.memmove(ffi.cast("char *", va), b"hello edu", 9)
     m = Struct("struct vfio_iommu_type1_dma_map")
     m.p.flags, m.p.vaddr, m.p.iova, m.p.size = 3, va, 0x200000, 2 * PAGE_SIZE
     p.ioctl(c, Ioctl.IOMMU_MAP_DMA, m.p)
-    regs = struct.pack("<QQQQ", 0x200000, 0x40000, 9, 1)
-    p.pwrite(d, regs, 0x80)
-    assert p.pread(d, 9, 0x40000) == b"hello edu"
+    p.pwrite(d, struct.pack("<QQQQ", 0x200000, 0x40000, 9, 1), 0x80)
+    _edu_wait_dma_idle(p, d)
+    # The buffer is in the device's DMA space only: BAR0 does not decode 0x40000.
+    assert p.pread(d, 9, 0x40000) == b"\xff" * 9
     p.pwrite(d, struct.pack("<QQQQ", 0x40000, 0x200000 + PAGE_SIZE, 9, 3), 0x80)
+    _edu_wait_dma_idle(p, d)
     assert bytes(ffi.buffer(ffi.cast("char *", va + PAGE_SIZE), 9)) == b"hello edu"
     assert qemu.counters["dma_transfers"] == 2
     p.munmap(bar, 0x100000)
