@@ -9,9 +9,11 @@ them with tools/vmtest/install-deps.sh).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +41,22 @@ def guest(vm_available: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="session")
 def layout(guest: vmtest.Guest) -> vmtest.Layout:
     return guest.layout
+
+
+def guest_env() -> dict[str, str]:
+    """PYTHONPATH for /usr/bin/python3 in the guest: the source tree, tools/vmtest, site-packages."""
+    return {"PYTHONPATH": vmtest.guest_pythonpath(REPO, REPO / "tools" / "vmtest")}
+
+
+@pytest.fixture(scope="session")
+def conformance_results(guest: vmtest.Guest) -> dict[str, Any]:
+    """Every conformance scenario on the real kernel: one guest command, one JSON document."""
+    result = guest.run(
+        [vmtest.GUEST_PYTHON, str(REPO / "tests" / "conformance" / "scenarios.py"), "--json"],
+        cwd=REPO,
+        env=guest_env(),
+        timeout=300,
+        check=True,
+    )
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return dict(doc["results"])

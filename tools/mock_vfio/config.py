@@ -33,7 +33,18 @@ CAP_MSI = 0x05
 CAP_PCIE = 0x10
 CAP_MSIX = 0x11
 EXT_CAP_AER = 0x0001
+EXT_CAP_DSN = 0x0003
 EXT_CAP_SRIOV = 0x0010
+# Names of the capabilities a topology may place (FunctionSpec.cap_offsets); 0x1000 | extended.
+_CAP_NAMES = {
+    CAP_PM: "PM",
+    CAP_MSI: "MSI",
+    CAP_PCIE: "EXP",
+    CAP_MSIX: "MSIX",
+    0x1000 | EXT_CAP_AER: "ERR",
+    0x1000 | EXT_CAP_DSN: "DSN",
+    0x1000 | EXT_CAP_SRIOV: "SRIOV",
+}
 
 _PCIE_TYPES = {"endpoint": 0, "legacy": 1, "rciep": 9}
 
@@ -78,7 +89,7 @@ class ConfigSpace:
         for b in spec.bars:
             self.bar_vals[b.index] = host_bars.get(b.index, 0)
         self.rom_val = host_bars.get(6, 0)
-        # capabilities, chained from 0x40
+        # capabilities, chained from 0x40 unless the topology places them
         pos = 0x40
         chain: list[tuple[int, int]] = []
         if spec.pm:
@@ -91,23 +102,31 @@ class ConfigSpace:
             chain.append((CAP_MSIX, 12))
         prev = PCI_CAP_PTR
         for cap, length in chain:
-            d[prev] = pos
-            d[pos] = cap
-            self.caps[cap] = pos
-            prev = pos + 1
-            self._init_cap(spec, cap, pos)
-            pos = (pos + length + 3) & ~3
+            at = spec.cap_offsets.get(_CAP_NAMES[cap], pos)
+            d[prev] = at
+            d[at] = cap
+            self.caps[cap] = at
+            prev = at + 1
+            self._init_cap(spec, cap, at)
+            pos = max(pos, (at + length + 3) & ~3)
         if chain:
             d[PCI_STATUS] |= PCI_STATUS_CAP_LIST
         if spec.pcie:
             ext: list[tuple[int, int]] = []
             if spec.aer:
                 ext.append((EXT_CAP_AER, 0x48))
+            if spec.dsn:
+                ext.append((EXT_CAP_DSN, 12))
             if spec.sriov_total:
                 ext.append((EXT_CAP_SRIOV, 0x40))
+            places: list[int] = []
             epos = 0x100
-            for i, (cap, length) in enumerate(ext):
-                nxt = epos + length if i + 1 < len(ext) else 0
+            for cap, length in ext:
+                at = spec.cap_offsets.get(_CAP_NAMES[0x1000 | cap], epos)
+                places.append(at)
+                epos = max(epos, at + length)
+            for i, ((cap, _), epos) in enumerate(zip(ext, places, strict=True)):
+                nxt = places[i + 1] if i + 1 < len(ext) else 0
                 struct.pack_into("<I", d, epos, cap | (1 << 16) | (nxt << 20))
                 self.caps[0x1000 | cap] = epos
                 if cap == EXT_CAP_SRIOV:
@@ -123,7 +142,6 @@ class ConfigSpace:
                         spec.vf_stride,
                     )
                     struct.pack_into("<H", d, epos + 0x1A, spec.vf_device)
-                epos = nxt
 
     def _wm(self, off: int, size: int, mask: int) -> None:
         self.wmask[off : off + size] = mask.to_bytes(size, "little")

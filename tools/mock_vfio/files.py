@@ -59,6 +59,15 @@ IOVA_PGSIZES = 0x40201000  # 4K | 2M | 1G, as intel-iommu reports
 DMA_ENTRY_LIMIT = 65535  # vfio_iommu_type1 dma_entry_limit default
 U64_MAX = (1 << 64) - 1
 IOVA_RANGES = ((0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1))  # x86: MSI window reserved
+# Answered by type1 only once a container has its IOMMU (vfio_iommu_type1_check_extension
+# with no iommu data, as a container without a model asks every driver, says 0 to these).
+_TYPE1_NEEDS_IOMMU = frozenset({lib.VFIO_DMA_CC_IOMMU, lib.VFIO_UPDATE_VADDR})
+
+
+def iova_ranges(machine: Machine) -> tuple[tuple[int, int], ...]:
+    """The usable IOVA ranges: below the IOMMU's address width, minus the x86 MSI window."""
+    top = (1 << machine.topology.iommu_address_width) - 1
+    return tuple((s, min(e, top)) for s, e in IOVA_RANGES if s <= top)
 
 
 # --- argument access -----------------------------------------------------------------
@@ -263,6 +272,10 @@ class ContainerFile(File):
             return int(lib.VFIO_API_VERSION)
         if request == Ioctl.CHECK_EXTENSION:
             ext = int(arg) if isinstance(arg, int) else addr_of(arg)
+            if ext in _TYPE1_NEEDS_IOMMU and c.iommu is None:
+                return 0
+            if ext == lib.VFIO_DMA_CC_IOMMU and not self.machine.topology.iommu_coherent:
+                return 0
             return 1 if ext in _TYPE1_EXTENSIONS else 0
         if request == Ioctl.SET_IOMMU:
             kind = int(arg) if isinstance(arg, int) else addr_of(arg)
@@ -292,8 +305,9 @@ class ContainerFile(File):
         caps.add(IommuInfoCap.MIGRATION, 1, struct.pack("<IQQ", 0, IOVA_PGSIZES, 256 << 20)[:20])
         avail = DMA_ENTRY_LIMIT - self.container.dma.count()
         caps.add(IommuInfoCap.DMA_AVAIL, 1, struct.pack("<I", avail))
-        body = struct.pack("<II", len(IOVA_RANGES), 0)
-        body += b"".join(struct.pack("<QQ", s, e) for s, e in IOVA_RANGES)
+        ranges = iova_ranges(self.machine)
+        body = struct.pack("<II", len(ranges), 0)
+        body += b"".join(struct.pack("<QQ", s, e) for s, e in ranges)
         caps.add(IommuInfoCap.IOVA_RANGE, 1, body)
         info_size = sizeof(ct)
         new_argsz, cap_offset, _ = put_caps(a, argsz, info_size, caps)
@@ -335,7 +349,7 @@ class ContainerFile(File):
             raise oserror(errno.EEXIST, f"iova {iova:#x}+{size:#x} overlaps a mapping")
         if dma.count() >= DMA_ENTRY_LIMIT:
             raise oserror(errno.ENOSPC, "dma_entry_limit reached")
-        if not any(s <= iova and iova + size - 1 <= e for s, e in IOVA_RANGES):
+        if not any(s <= iova and iova + size - 1 <= e for s, e in iova_ranges(self.machine)):
             raise oserror(errno.EINVAL, f"iova {iova:#x}+{size:#x} outside the valid ranges")
         dma.add(
             iova,
@@ -584,7 +598,7 @@ class IommufdFile(File):
         if request == Ioctl.IOMMUFD_IOAS_IOVA_RANGES:
             _, p = self._cmd(arg, "struct iommu_ioas_iova_ranges", "out_iova_alignment")
             ioas = self._ioas(int(p.ioas_id))
-            ranges = IOVA_RANGES if ioas.users else ((0, U64_MAX),)
+            ranges = iova_ranges(self.machine) if ioas.users else ((0, U64_MAX),)
             n = int(p.num_iovas)
             p.out_iova_alignment = PAGE
             p.num_iovas = len(ranges)
@@ -1011,6 +1025,9 @@ class DeviceFile(File):
             if argsz - minsz < count * 4 or count > len(devs):
                 raise oserror(errno.EINVAL, "HOT_RESET group fd array")
             for fd in struct.unpack(f"<{count}i", read_mem(a + minsz, count * 4)):
+                if fd >= 0 and not proc.is_sim_fd(fd) and os.path.exists(f"/proc/self/fd/{fd}"):
+                    # an open file of another kind (an eventfd): vfio_file_is_group() fails
+                    raise oserror(errno.EINVAL, f"fd {fd} is not a VFIO group")
                 f = proc.file_of(fd)
                 if not isinstance(f, GroupFile):
                     raise oserror(errno.EINVAL, f"fd {fd} is not a VFIO group")

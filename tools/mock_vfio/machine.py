@@ -185,6 +185,8 @@ class Device:
         return self._config
 
     def _initial_command(self) -> int:
+        if self.spec.command is not None:
+            return self.spec.command
         if self.driver == "vfio-pci" or self.driver is None:
             return 0
         return PCI_COMMAND_MEMORY | PCI_COMMAND_IO | PCI_COMMAND_MASTER

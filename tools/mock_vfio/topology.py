@@ -96,6 +96,11 @@ class FunctionSpec:
     model: str = "generic"
     interrupt_pin: int = 1
     multifunction: bool = False
+    # PCI_COMMAND as firmware left it (None: 0 when bound to vfio-pci, decoding on otherwise)
+    command: int | None = None
+    # Capability offsets by name (PM, MSI, EXP, MSIX; ERR, DSN extended); others follow on
+    cap_offsets: dict[str, int] = field(default_factory=dict)
+    dsn: bool = False  # Device Serial Number extended capability
     vga: bool = False
     # SR-IOV (PF side)
     sriov_total: int = 0
@@ -132,6 +137,10 @@ class BridgeSpec:
 @dataclass(slots=True)
 class Topology:
     name: str
+    # IOMMU input address width: the top of the usable IOVA space (QEMU's intel-iommu: 39)
+    iommu_address_width: int = 48
+    # The IOMMU enforces cache coherency (VT-d snoop control): VFIO_DMA_CC_IOMMU once set
+    iommu_coherent: bool = True
     bridges: list[BridgeSpec] = field(default_factory=list)
     functions: list[FunctionSpec] = field(default_factory=list)
 
@@ -193,6 +202,8 @@ def _function(d: dict[str, Any]) -> FunctionSpec:
         "interrupt_pin": "interrupt_pin",
         "multifunction": "multifunction",
         "vga": "vga",
+        "command": "command",
+        "dsn": "dsn",
     }
     for key, attr in simple.items():
         if key in d:
@@ -200,6 +211,7 @@ def _function(d: dict[str, Any]) -> FunctionSpec:
     if "driver" in d:
         f.driver = d["driver"] or None
     f.link_speed = float(f.link_speed)
+    f.cap_offsets = {str(k).upper(): int(v) for k, v in d.get("capabilities", {}).items()}
     f.bars = _bars(d.get("bars", []))
     if "msix" in d:
         m = d["msix"]
@@ -246,6 +258,8 @@ def _bridge(d: dict[str, Any]) -> BridgeSpec:
 def parse_toml(text: str, name: str = "custom") -> Topology:
     data = tomllib.loads(text)
     topo = Topology(name=str(data.get("name", name)))
+    topo.iommu_address_width = int(data.get("iommu_address_width", 48))
+    topo.iommu_coherent = bool(data.get("iommu_coherent", True))
     topo.bridges = [_bridge(b) for b in data.get("bridge", [])]
     topo.functions = [_function(f) for f in data.get("device", [])]
     return topo

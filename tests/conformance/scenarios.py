@@ -1,0 +1,607 @@
+"""Conformance scenarios: the same VFIO operations on the simulator and on the real kernel.
+
+Each scenario takes a :class:`vfiopy.Kernel` and a :class:`ResetProbe` and returns a JSON-able
+dict of observations (errnos, flags, sizes, states, reset counts).  The simulator runs them on
+the ``qemu-vmtest`` topology (:func:`simulate`); the QEMU guest of tools/vmtest runs them on the
+real vfio-pci driver (``python3 scenarios.py --json``, resets counted with guest_trace's kprobes).
+:func:`compare` sets the two side by side, key by key; a difference fails unless it is listed,
+with its reason, in :data:`KNOWN_DIFFERENCES`.
+
+Only the standard library and vfiopy (with its structlog) are imported at module level, so the guest can run this
+file; the simulator (mock_vfio) and guest_trace are imported where they are used.  Every
+scenario closes what it opened, so they run one after another in one process, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import structlog
+
+from vfiopy import Container, Device, Group, Session, Sysfs
+from vfiopy._uapi import (
+    DeviceFlag,
+    Extension,
+    Ioctl,
+    IommuType,
+    IrqSetFlag,
+    PciIrq,
+    PciRegion,
+    Struct,
+    ffi,
+)
+from vfiopy.kernel import EFD_NONBLOCK, O_RDWR, Kernel
+from vfiopy.pci import CapId, ExtCapId
+
+# The devices of tools/vmtest's guest (vmtest.layout() with 6 NICs) and of the simulator's
+# qemu-vmtest topology.
+NIC = "0000:01:00.0"
+NIC2 = "0000:02:00.0"
+PAIR = ("0000:07:00.0", "0000:07:00.1")
+EDU = "0000:08:01.0"
+EDU_ID = 0x010000ED  # edu's identification register (BAR0 0x00): version 1.0
+
+Json = dict[str, Any]
+
+
+class ResetProbe(Protocol):
+    """Counts the resets the kernel performed since the last :meth:`start`."""
+
+    def start(self) -> None: ...
+    def bus_resets(self, bdf: str) -> int:
+        """Secondary bus (or slot) resets that hit ``bdf``."""
+        ...
+
+    def function_resets(self, bdf: str) -> int:
+        """Function resets of ``bdf`` (``__pci_reset_function_locked``, whatever method)."""
+        ...
+
+
+Scenario = Callable[[Kernel, ResetProbe], Json]
+
+# (scenario, dotted key) -> why the simulator and the real kernel legitimately differ there.
+# Keep this table short and every reason concrete; never add an entry to make a bug pass.
+_NESTING = (
+    "VFIO_TYPE1_NESTING_IOMMU: type1 answers 1 up to Linux 6.12 (the guest runs 6.1); the "
+    "extension was removed in 6.13 and the simulator models current kernels"
+)
+KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
+    ("open_close", "extensions.TYPE1_NESTING_IOMMU"): _NESTING,
+    ("open_close", "extensions_iommu_set.TYPE1_NESTING_IOMMU"): _NESTING,
+}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    """0 when ``fn`` succeeds, else the errno of the OSError it raised."""
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def resets(probe: ResetProbe, *bdfs: str) -> Json:
+    return {
+        bdf: {"bus": probe.bus_resets(bdf), "function": probe.function_resets(bdf)} for bdf in bdfs
+    }
+
+
+@contextmanager
+def opened(
+    kernel: Kernel, *bdfs: str
+) -> Iterator[tuple[Container, dict[int, Group], list[Device]]]:
+    """A container with the IOMMU set, the groups of ``bdfs`` attached and the devices open.
+
+    Closed in the kernel's order on exit: devices, groups, container.
+    """
+    sysfs = Sysfs(kernel)
+    with ExitStack() as stack:
+        container = stack.enter_context(Container(kernel))
+        groups: dict[int, Group] = {}
+        devices: list[Device] = []
+        for bdf in bdfs:
+            number = sysfs.iommu_group(bdf)
+            if number not in groups:
+                group = Group(number, kernel, sysfs)
+                stack.callback(group.close)
+                group.set_container(container)
+                container.set_iommu()
+                groups[number] = group
+        for bdf in bdfs:
+            dev = Device.from_group(groups[sysfs.iommu_group(bdf)], bdf)
+            stack.callback(dev.close)
+            devices.append(dev)
+        yield container, groups, devices
+
+
+def capability_offsets(dev: Device) -> Json:
+    out: Json = {}
+    for cap in dev.config.capabilities():
+        try:
+            name = (ExtCapId(cap.id) if cap.extended else CapId(cap.id)).name
+        except ValueError:
+            name = f"{'ext_' if cap.extended else ''}{cap.id:#04x}"
+        out[("ext_" if cap.extended else "") + name] = cap.offset
+    return out
+
+
+def group_status(kernel: Kernel, fd: int) -> int:
+    s = Struct("struct vfio_group_status")
+    kernel.ioctl(fd, Ioctl.GROUP_GET_STATUS, s.p)
+    return int(s.p.flags)
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+
+
+def open_close(kernel: Kernel, probe: ResetProbe) -> Json:
+    """Container, group and device lifecycle: API version, extensions, status flags, info."""
+    sysfs = Sysfs(kernel)
+    out: Json = {"groups": {bdf: sysfs.iommu_group(bdf) for bdf in (NIC, NIC2, *PAIR, EDU)}}
+    with Container(kernel) as container:
+        out["api_version"] = kernel.ioctl(container.fd, Ioctl.GET_API_VERSION, 0)
+        out["extensions"] = {e.name: container.check_extension(e) for e in Extension}
+        out["set_iommu_without_group"] = errno_of(
+            lambda: kernel.ioctl(container.fd, Ioctl.SET_IOMMU, int(IommuType.TYPE1v2))
+        )
+        with Group(sysfs.iommu_group(NIC), kernel, sysfs) as group:
+            out["status_before"] = group_status(kernel, group.fd)
+            out["get_device_fd_without_container"] = errno_of(lambda: group.get_device_fd(NIC))
+            group.set_container(container)
+            out["status_attached"] = group_status(kernel, group.fd)
+            out["get_device_fd_without_iommu"] = errno_of(lambda: group.get_device_fd(NIC))
+            out["iommu_type"] = container.set_iommu().name
+            out["extensions_iommu_set"] = {e.name: container.check_extension(e) for e in Extension}
+            out["set_iommu_twice"] = errno_of(
+                lambda: kernel.ioctl(container.fd, Ioctl.SET_IOMMU, int(IommuType.TYPE1v2))
+            )
+            info = container.info()
+            out["iommu_info"] = {
+                "pgsizes": info.pgsizes,
+                "iova_ranges": [[r.start, r.last] for r in info.iova_ranges],
+                "dma_avail": info.dma_avail,
+            }
+            out["status_iommu_set"] = group_status(kernel, group.fd)
+            with Device.from_group(group, NIC) as dev:
+                out["unset_container_with_device_open"] = errno_of(
+                    lambda: kernel.ioctl(group.fd, Ioctl.GROUP_UNSET_CONTAINER, 0)
+                )
+                out["device"] = {
+                    "flags": int(dev.info.flags),
+                    "num_regions": dev.info.num_regions,
+                    "num_irqs": dev.info.num_irqs,
+                }
+    devices: Json = {}
+    for bdf in (PAIR[0], EDU):
+        with opened(kernel, bdf) as (_, _, (dev,)):
+            devices[bdf] = {
+                "flags": int(dev.info.flags),
+                "num_regions": dev.info.num_regions,
+                "num_irqs": dev.info.num_irqs,
+            }
+    out["devices"] = devices
+    return out
+
+
+def errnos(kernel: Kernel, probe: ResetProbe) -> Json:
+    """The errnos of common mistakes."""
+    sysfs = Sysfs(kernel)
+    out: Json = {}
+    path = f"/dev/vfio/{sysfs.iommu_group(NIC)}"
+    with opened(kernel, NIC) as (container, groups, _):
+        (group,) = groups.values()
+        out["second_group_open"] = errno_of(lambda: kernel.close(kernel.open(path, O_RDWR)))
+        out["get_device_fd_unknown_name"] = errno_of(lambda: group.get_device_fd("0000:7f:1f.7"))
+        out["get_device_fd_other_group"] = errno_of(lambda: group.get_device_fd(NIC2))
+        out["get_device_fd_twice"] = errno_of(lambda: kernel.close(group.get_device_fd(NIC)))
+        short = Struct("struct vfio_group_status")
+        short.p.argsz = 4
+        out["group_status_short_argsz"] = errno_of(
+            lambda: kernel.ioctl(group.fd, Ioctl.GROUP_GET_STATUS, short.p)
+        )
+        out["set_container_twice"] = errno_of(lambda: group.set_container(container))
+        out["unknown_extension"] = kernel.ioctl(container.fd, Ioctl.CHECK_EXTENSION, 0x7FFF)
+    with opened(kernel, NIC) as (_, _, (dev,)):
+        info = Struct("struct vfio_device_info")
+        info.p.argsz = 8
+        out["device_info_short_argsz"] = errno_of(
+            lambda: kernel.ioctl(dev.fd, Ioctl.DEVICE_GET_INFO, info.p)
+        )
+        region = Struct("struct vfio_region_info")
+        region.p.index = 42
+        out["region_info_bad_index"] = errno_of(
+            lambda: kernel.ioctl(dev.fd, Ioctl.DEVICE_GET_REGION_INFO, region.p)
+        )
+        irq = Struct("struct vfio_irq_info")
+        irq.p.index = 42
+        out["irq_info_bad_index"] = errno_of(
+            lambda: kernel.ioctl(dev.fd, Ioctl.DEVICE_GET_IRQ_INFO, irq.p)
+        )
+        out["unknown_device_ioctl"] = errno_of(lambda: kernel.ioctl(dev.fd, Ioctl.SET_IOMMU, 0))
+    return out
+
+
+def region_info(kernel: Kernel, probe: ResetProbe) -> Json:
+    """Every region of an e1000e and of edu: size, offset, flags, caps, mmap areas."""
+    out: Json = {}
+    for bdf in (NIC, EDU):
+        regions: Json = {}
+        with opened(kernel, bdf) as (_, _, (dev,)):
+            for index in range(dev.info.num_regions):
+                try:
+                    r = dev.region(index)
+                except OSError as exc:
+                    regions[str(index)] = {"errno": exc.errno}
+                    continue
+                regions[str(index)] = {
+                    "size": r.size,
+                    "offset": r.offset,
+                    "flags": int(r.flags),
+                    "sparse": None if r.sparse is None else [[a.offset, a.size] for a in r.sparse],
+                    "msix_mappable": r.msix_mappable,
+                    "type": None if r.type is None else list(r.type),
+                }
+        out[bdf] = regions
+    return out
+
+
+def irq_info(kernel: Kernel, probe: ResetProbe) -> Json:
+    """IRQ indexes (count, flags or errno); MSI loopback to an eventfd; MSI-X while MSI is on."""
+    out: Json = {}
+    for bdf in (NIC, EDU):
+        irqs: Json = {}
+        with opened(kernel, bdf) as (_, _, (dev,)):
+            for index in range(dev.info.num_irqs):
+                try:
+                    i = dev.irq(index)
+                except OSError as exc:
+                    irqs[str(index)] = {"errno": exc.errno}
+                    continue
+                irqs[str(index)] = {"count": i.count, "flags": int(i.flags)}
+        out[bdf] = irqs
+    with opened(kernel, NIC) as (_, _, (dev,)):
+        msi = dev.irq(PciIrq.MSI)
+        msi.enable(1)
+        out["msi_read_before"] = msi.read(0)
+        msi.trigger(0)
+        out["msi_read_after_trigger"] = msi.read(0)
+        out["msix_while_msi"] = errno_of(lambda: dev.irq(PciIrq.MSIX).enable(1))
+        out["msi_vector_out_of_range"] = errno_of(
+            lambda: _set_irqs(kernel, dev.fd, PciIrq.MSI, 1, 1)
+        )
+        msi.disable()
+        out["msix_after_msi_off"] = errno_of(lambda: dev.irq(PciIrq.MSIX).enable(5))
+        dev.irq(PciIrq.MSIX).disable()
+    return out
+
+
+def _set_irqs(kernel: Kernel, fd: int, index: int, start: int, count: int) -> None:
+    s = Struct("struct vfio_irq_set")
+    s.p.flags = IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER
+    s.p.index, s.p.start, s.p.count = index, start, count
+    kernel.ioctl(fd, Ioctl.DEVICE_SET_IRQS, s.p)
+
+
+def config_space(kernel: Kernel, probe: ResetProbe) -> Json:
+    """Identity, capability offsets and the command register, read through VFIO after open."""
+    out: Json = {}
+    for bdf in (NIC, PAIR[0], PAIR[1], EDU):
+        with opened(kernel, bdf) as (_, _, (dev,)):
+            cfg = dev.config
+            out[bdf] = {
+                "vendor": cfg.vendor_id,
+                "device": cfg.device_id,
+                "class": cfg.class_code,
+                "revision": cfg.revision_id,
+                "subsystem": [cfg.subsystem_vendor_id, cfg.subsystem_id],
+                "multifunction": cfg.multifunction,
+                "interrupt_pin": cfg.interrupt_pin,
+                "command": int(cfg.command),
+                "config_size": dev.region(PciRegion.CONFIG).size,
+                "capabilities": capability_offsets(dev),
+            }
+    return out
+
+
+def bar_mmio(kernel: Kernel, probe: ResetProbe) -> Json:
+    """edu's BAR0: the identification register with one 32-bit load, liveness inverted.
+
+    The ID register is read again through the fd (pread) after the store to the liveness
+    register: a load after a store, which flushes the posted write on real hardware and makes
+    the simulated device see a store made through the mapping.
+    """
+    with opened(kernel, EDU) as (_, _, (dev,)):
+        region = dev.region(PciRegion.BAR0)
+        bar = region.mmap()
+        ident = bar.read32(0x00)
+        bar.write32(0x04, 0x12345678)
+        ident_pread = int.from_bytes(region.read(0x00, 4), "little")
+        liveness = bar.read32(0x04)
+        bar.close()
+    return {
+        "id": ident,
+        "id_matches": ident == EDU_ID,
+        "id_pread": ident_pread,
+        "liveness": liveness,
+    }
+
+
+def function_reset(kernel: Kernel, probe: ResetProbe) -> Json:
+    """VFIO_DEVICE_RESET on devices with a function reset (NIC, edu: `bus`) and without (pair)."""
+    out: Json = {}
+    for bdf in (NIC, EDU, PAIR[0]):
+        with opened(kernel, bdf) as (_, _, (dev,)):
+            fd = dev.fd
+            probe.start()
+            err = errno_of(lambda: kernel.ioctl(fd, Ioctl.DEVICE_RESET, 0))  # noqa: B023
+            out[bdf] = {
+                "reset_flag": bool(dev.info.flags & DeviceFlag.RESET),
+                "errno": err,
+                "resets": resets(probe, bdf),
+            }
+    return out
+
+
+def hot_reset_owned(kernel: Kernel, probe: ResetProbe) -> Json:
+    """VFIO_DEVICE_PCI_HOT_RESET with the device's own group fd: one bus reset."""
+    out: Json = {}
+    for bdfs in ((NIC,), PAIR):
+        with opened(kernel, *bdfs) as (_, _, devices):
+            dev = devices[0]
+            out[f"{bdfs[0]}_info"] = [[str(d.address), d.group_id] for d in dev.hot_reset_info()]
+            probe.start()
+            out[f"{bdfs[0]}_errno"] = errno_of(dev.hot_reset)
+            out[f"{bdfs[0]}_resets"] = resets(probe, *bdfs)
+    # The pair's group covers both functions: a hot reset with only one of them open.
+    with opened(kernel, PAIR[0]) as (_, _, (dev,)):
+        probe.start()
+        out["pair_one_open_errno"] = errno_of(dev.hot_reset)
+        out["pair_one_open_resets"] = resets(probe, *PAIR)
+    return out
+
+
+def hot_reset_not_owned(kernel: Kernel, probe: ResetProbe) -> Json:
+    """HOT_RESET whose group fds do not cover the affected devices: refused, nothing reset."""
+    out: Json = {}
+    with opened(kernel, NIC, NIC2) as (container, _, (dev, dev2)):
+        assert dev2.group is not None
+        other = dev2.group
+        probe.start()
+        out["other_group"] = errno_of(lambda: dev.hot_reset(groups=[other]))
+        out["no_groups"] = errno_of(lambda: _hot_reset_fds(kernel, dev.fd, []))
+        out["container_fd"] = errno_of(lambda: _hot_reset_fds(kernel, dev.fd, [container.fd]))
+        out["eventfd"] = errno_of(lambda: _hot_reset_with_eventfd(kernel, dev.fd))
+        out["resets"] = resets(probe, NIC, NIC2)
+    return out
+
+
+def _hot_reset_fds(kernel: Kernel, fd: int, fds: list[int]) -> None:
+    s = Struct("struct vfio_pci_hot_reset", ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(fds))
+    s.p.count = len(fds)
+    for i, f in enumerate(fds):
+        s.p.group_fds[i] = f
+    kernel.ioctl(fd, Ioctl.DEVICE_PCI_HOT_RESET, s.p)
+
+
+def _hot_reset_with_eventfd(kernel: Kernel, fd: int) -> None:
+    efd = kernel.eventfd(0, EFD_NONBLOCK)
+    try:
+        _hot_reset_fds(kernel, fd, [efd])
+    finally:
+        kernel.close(efd)
+
+
+def release_single(kernel: Kernel, probe: ResetProbe) -> Json:
+    """One NIC (reset_method `bus`): reset at open and again at close."""
+    out: Json = {}
+    with Session(kernel) as session:
+        probe.start()
+        dev = session.open_device(NIC)
+        out["open"] = resets(probe, NIC)
+        probe.start()
+        session.close_device(dev)
+        out["close"] = resets(probe, NIC)
+    return out
+
+
+def release_pair(kernel: Kernel, probe: ResetProbe) -> Json:
+    """The multifunction pair: no reset at open or first close, one bus reset at the last."""
+    out: Json = {}
+    with Session(kernel) as session:
+        probe.start()
+        first = session.open_device(PAIR[0])
+        last = session.open_device(PAIR[1])
+        out["open"] = resets(probe, *PAIR)
+        probe.start()
+        session.close_device(first)
+        out["first_close"] = resets(probe, *PAIR)
+        probe.start()
+        session.close_device(last)
+        out["last_close"] = resets(probe, *PAIR)
+    return out
+
+
+def dma_map(kernel: Kernel, probe: ResetProbe) -> Json:
+    """DMA mappings through the type1 IOMMU: accounting, overlap, alignment, unmap sizes."""
+    out: Json = {}
+    with Session(kernel) as session:
+        session.open_device(EDU)
+        container = session.container
+        assert container is not None
+        before = container.dma_avail()
+        buf = session.alloc_dma_buffer(0x4000, limit=1 << 28)
+        after = container.dma_avail()
+        out["dma_avail_used"] = None if before is None or after is None else before - after
+        out["overlap"] = errno_of(lambda: container.map_dma(buf.vaddr, buf.iova, 0x1000))
+        out["unaligned_iova"] = errno_of(
+            lambda: container.map_dma(buf.vaddr, buf.iova + 0x10_0001, 0x1000)
+        )
+        iova = buf.iova + 0x10_0000
+        out["map_second"] = errno_of(lambda: container.map_dma(buf.vaddr, iova, 0x2000))
+        out["unmap_split"] = errno_of(lambda: container.unmap_dma(iova, 0x1000))
+        out["unmapped_bytes"] = container.unmap_dma(iova, 0x2000)
+        out["unmap_again_bytes"] = container.unmap_dma(iova, 0x2000)
+        session.free_dma_buffer(buf)
+    return out
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "open_close": open_close,
+    "errnos": errnos,
+    "region_info": region_info,
+    "irq_info": irq_info,
+    "config_space": config_space,
+    "bar_mmio": bar_mmio,
+    "function_reset": function_reset,
+    "hot_reset_owned": hot_reset_owned,
+    "hot_reset_not_owned": hot_reset_not_owned,
+    "release_single": release_single,
+    "release_pair": release_pair,
+    "dma_map": dma_map,
+}
+
+
+# --- running and comparing --------------------------------------------------------------------
+
+
+def run_all(kernel: Kernel, probe: ResetProbe, names: Sequence[str] | None = None) -> Json:
+    """{scenario: observations}; a scenario that raised gives {"error": ...} instead."""
+    out: Json = {}
+    for name in names or list(SCENARIOS):
+        try:
+            out[name] = SCENARIOS[name](kernel, probe)
+        except Exception as exc:
+            out[name] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
+    return out
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {dotted.key: leaf}; lists stay leaves (compared whole)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def compare(sim: Json, real: Json) -> list[str]:
+    """Differences as `scenario: key: simulator X, kernel Y`, known differences left out."""
+    problems: list[str] = []
+    for name in sorted(set(sim) | set(real)):
+        s = flatten(sim.get(name, {"missing": True}))
+        r = flatten(real.get(name, {"missing": True}))
+        s.pop("traceback", None)
+        r.pop("traceback", None)
+        for key in sorted(set(s) | set(r)):
+            if (name, key) in KNOWN_DIFFERENCES:
+                continue
+            sv, rv = s.get(key, "<absent>"), r.get(key, "<absent>")
+            if sv != rv:
+                problems.append(f"{name}: {key}: simulator {sv!r}, kernel {rv!r}")
+    return problems
+
+
+class SimProbe:
+    """Resets from a mock_vfio Machine's trace."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.mark = 0
+
+    def start(self) -> None:
+        self.mark = len(self.machine.trace)
+
+    def _events(self, bdf: str) -> list[Any]:
+        return [e for e in self.machine.trace[self.mark :] if e.kind == "reset" and e.device == bdf]
+
+    def bus_resets(self, bdf: str) -> int:
+        return sum(1 for e in self._events(bdf) if e.method in ("bus", "slot"))
+
+    def function_resets(self, bdf: str) -> int:
+        # vfio's open/release/VFIO_DEVICE_RESET/config FLR go through the function reset path;
+        # the device set's bus reset and VFIO_DEVICE_PCI_HOT_RESET do not.
+        return sum(
+            1 for e in self._events(bdf) if e.cause in ("open", "release", "ioctl", "config")
+        )
+
+
+class GuestProbe:
+    """Resets from the real kernel, with guest_trace's kprobes (tools/vmtest)."""
+
+    def __init__(self) -> None:
+        import guest_trace
+
+        self.trace = guest_trace
+        guest_trace.start()
+
+    def start(self) -> None:
+        self.trace.clear()
+
+    def bus_resets(self, bdf: str) -> int:
+        return int(self.trace.bus_resets_of(self.trace.read(), bdf, only_ok=False))
+
+    def function_resets(self, bdf: str) -> int:
+        return sum(1 for e in self.trace.read() if e.kind == "function" and e.dev == bdf)
+
+    def stop(self) -> None:
+        self.trace.stop()
+
+
+def simulate(names: Sequence[str] | None = None) -> Json:
+    """All scenarios on a fresh simulated qemu-vmtest machine (modelled delays switched off)."""
+    from mock_vfio import Machine, load_topology
+
+    machine = Machine(load_topology("qemu-vmtest"), time_scale=0.0)
+    try:
+        return run_all(machine.spawn(name="conformance"), SimProbe(machine), names)
+    finally:
+        machine.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--simulate", action="store_true", help="run on the simulator")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("scenario", nargs="*", help=f"default: all of {', '.join(SCENARIOS)}")
+    args = parser.parse_args(argv)
+    names = args.scenario or None
+    # stdout carries the document only: vfiopy's log events go to stderr, warnings and up.
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
+    if args.simulate:
+        results = simulate(names)
+    else:
+        from vfiopy.kernel import LinuxKernel
+
+        probe = GuestProbe()
+        try:
+            results = run_all(LinuxKernel(), probe, names)
+        finally:
+            probe.stop()
+    doc = {"schema": 1, "pid": os.getpid(), "results": results}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
