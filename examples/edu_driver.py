@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import math
 import random
 import sys
@@ -60,6 +59,7 @@ from vfiopy import (
 )
 from vfiopy._uapi import PciIrq, PciRegion
 from vfiopy.kernel import default_kernel
+from vfiopy.logsetup import configure_cli_logging, verbosity_level
 from vfiopy.pci import Command, ConfigSpace
 from vfiopy.session import Backend
 from vfiopy.simulate import machine_of, simulated_kernel
@@ -649,22 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(verbose: int, stream: TextIO) -> None:
     """Library events on ``stream`` (stderr): console on a TTY, JSON lines otherwise."""
-    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=True)
-        if stream.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
-    )
+    configure_cli_logging(verbosity_level(verbose), stream)
 
 
 def _human(out: TextIO) -> Callable[[Step], None]:

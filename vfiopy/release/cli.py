@@ -26,6 +26,7 @@ import structlog
 
 from vfiopy.errors import AddressError
 from vfiopy.kernel import Kernel, default_kernel
+from vfiopy.logsetup import configure_cli_logging, verbosity_level
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
 from vfiopy.release._manager import plan_for, release_addresses
 from vfiopy.release._plan import Plan, UsageError, parse_addresses
@@ -144,31 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: int, quiet: bool, stream: TextIO) -> None:
-    """Console renderer on a TTY, JSON lines otherwise; always on ``stream`` (stderr)."""
-    tty = stream.isatty()
-    if quiet:
-        level = logging.ERROR
-    elif verbose >= 2:
-        level = logging.DEBUG
-    elif verbose or not tty:
-        level = logging.INFO
-    else:
-        # On a TTY the progress line says what the per-device events would.
-        level = logging.WARNING
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=True) if tty else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
-    )
+    """Events on ``stream`` (stderr); JSON lines carry the per-device events when not on a TTY."""
+    # On a TTY the progress line says what the per-device events would.
+    default = logging.WARNING if stream.isatty() else logging.INFO
+    configure_cli_logging(verbosity_level(verbose, quiet, default), stream)
 
 
 @dataclass
