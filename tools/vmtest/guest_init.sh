@@ -34,6 +34,8 @@ opts=trans=virtio,version=9p2000.L,msize=512000
 # cache=loose on the read-only root: much faster imports under TCG. The price: a host file
 # changed after the guest read it may look stale here; exchange data through the results share.
 mount -t 9p -o "$opts,ro,cache=loose" vmroot $R || die "cannot mount the host root (9p vmroot)"
+# A second view of the host root that the tmpfs mounts below do not cover.
+mkdir -p /hostroot && mount -o bind $R /hostroot || die "cannot bind the host root"
 mount -t 9p -o "$opts" vmresults /results || die "cannot mount the results directory (9p vmresults)"
 [ -f $C/conf ] || die "no $C/conf"
 . $C/conf
@@ -76,6 +78,10 @@ mount -o rbind /sys $R/sys || die "bind /sys"
 mount -o rbind /dev $R/dev || die "bind /dev"
 for t in /tmp /run /var/tmp; do
 	[ -d "$R$t" ] && mount -t tmpfs -o mode=1777 tmpfs "$R$t"
+done
+# Host paths under those (a checkout in /tmp, its venv) stay visible, read-only as the rest.
+for k in $VMTEST_KEEP; do
+	mkdir -p "$R$k" && mount -o bind "/hostroot$k" "$R$k" || die "cannot keep $k visible"
 done
 mkdir -p "$R$VMTEST_RESULTS" 2>/dev/null
 mount -o bind /results "$R$VMTEST_RESULTS" || die "cannot bind the results directory at $VMTEST_RESULTS"

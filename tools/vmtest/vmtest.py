@@ -535,6 +535,16 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _kept_paths() -> list[str]:
+    """Host paths the guest must see although they may lie under /tmp, /run or /var/tmp,
+    which the guest covers with fresh tmpfs: this checkout (CI clones it anywhere), the
+    running interpreter's environment and PYTHONPATH."""
+    paths = {str(Path(__file__).resolve().parents[2]), sys.prefix, sys.base_prefix}
+    paths.update(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    covered = ("/tmp/", "/run/", "/var/tmp/")
+    return sorted(p for p in paths if p.startswith(covered) and " " not in p)
+
+
 class Guest:
     """One booted guest that runs commands one after another until close()."""
 
@@ -635,6 +645,7 @@ class Guest:
             f"VMTEST_BIND={shlex.quote(' '.join(bind))}\n"
             f"VMTEST_RESET={shlex.quote(' '.join(reset))}\n"
             f"VMTEST_UNBIND={shlex.quote(' '.join(self.layout.unbind))}\n"
+            f"VMTEST_KEEP={shlex.quote(' '.join(_kept_paths()))}\n"
         )
         (self._ctl / "conf").write_text(conf)
 
