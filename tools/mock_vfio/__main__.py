@@ -1,0 +1,9 @@
+"""``python -m mock_vfio list|dump SPEC``: the simulator's topologies."""
+
+from __future__ import annotations
+
+import sys
+
+from mock_vfio.topology import main
+
+sys.exit(main())
