@@ -1,0 +1,114 @@
+"""The benchmark's pieces that need no simulator: overlap, cost model, progress, child."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vfiopy.bench import _child, _progress
+from vfiopy.bench._costs import FunctionModel, kernel_at_least, model_costs
+from vfiopy.bench._results import RunResult
+from vfiopy.bench._target import ResetEvent, max_overlap
+
+
+def ev(start: float, end: float) -> ResetEvent:
+    return ResetEvent("bus", "0000:01:00.0", "bus:0000:01", start, end)
+
+
+def test_max_overlap() -> None:
+    assert max_overlap([]) == 0
+    assert max_overlap([ev(0, 1), ev(1, 2), ev(2, 3)]) == 1  # touching is not overlapping
+    assert max_overlap([ev(0, 2), ev(1, 3), ev(1.5, 1.6)]) == 3
+
+
+def test_costs_gpu_sets_need_one_bus_reset_each() -> None:
+    # GPU + audio on one bus, bus reset only: no function reset works.
+    fns = [
+        FunctionModel(f"0000:0{i}:00.{f}", f"bus:{i}", ("bus",), alone_on_bus=False)
+        for i in range(1, 4)
+        for f in (0, 1)
+    ]
+    costs = model_costs(fns, lambda f, m: 99.0, lambda s: 1.0)
+    assert costs.teardown == {"bus:1": 1.0, "bus:2": 1.0, "bus:3": 1.0}
+    assert costs.bringup == {"bus:1": 0.0, "bus:2": 0.0, "bus:3": 0.0}
+    assert (costs.teardown_resets, costs.bringup_resets) == (3, 0)
+    assert costs.lower_bound(costs.teardown, serialised=False) == 1.0
+    assert costs.lower_bound(costs.teardown, serialised=True) == 3.0
+
+
+def test_costs_flr_devices_reset_at_open_and_close_serially_in_a_set() -> None:
+    fns = [FunctionModel(f"a{i}", "shared", ("flr", "bus"), alone_on_bus=False) for i in range(2)]
+    costs = model_costs(fns, lambda f, m: {"flr": 0.1}[m], lambda s: None)
+    assert costs.teardown == {"shared": pytest.approx(0.2)}
+    assert costs.bringup == {"shared": pytest.approx(0.2)}
+    assert (costs.teardown_resets, costs.bringup_resets) == (2, 2)
+
+
+def test_costs_set_the_kernel_cannot_reset_gets_no_bus_reset() -> None:
+    fns = [FunctionModel("a", "s", (), alone_on_bus=False)]
+    costs = model_costs(fns, lambda f, m: 0.0, lambda s: None)
+    assert costs.teardown == {"s": 0.0} and costs.teardown_resets == 0
+
+
+def test_bus_method_counts_as_function_reset_only_alone_on_the_bus() -> None:
+    assert FunctionModel("a", "s", ("bus",), alone_on_bus=True).function_reset == "bus"
+    assert FunctionModel("a", "s", ("bus",), alone_on_bus=False).function_reset is None
+    assert FunctionModel("a", "s", ("bus", "pm"), alone_on_bus=False).function_reset == "pm"
+
+
+def test_kernel_versions() -> None:
+    assert kernel_at_least("6.1.0-18-amd64", (5, 0))
+    assert not kernel_at_least("6.1.0-18-amd64", (6, 3))
+    assert kernel_at_least("6.3.0", (6, 3))
+    assert not kernel_at_least("4.19.0-rc1", (5, 0))
+
+
+def test_ratio_and_target() -> None:
+    r = RunResult("vfiopy", "teardown", 4, "devset", "pre-6.3", 1.0, "gpus:4")
+    r.wall_s, r.lower_bound_s, r.target_s = 1.05, 1.0, 1.12
+    assert r.ratio == pytest.approx(1.05)
+    assert r.meets_target is True
+    r.lower_bound_s = 0.0
+    assert r.ratio is None and r.to_json()["ratio"] is None
+
+
+def test_progress_is_silent_off_a_tty() -> None:
+    stream = io.StringIO()
+    with _progress.Progress(3, stream) as p:
+        p.start("run")
+        p.advance()
+    assert stream.getvalue() == ""
+
+
+def test_progress_draws_and_clears_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_progress, "_SHOW_AFTER_S", 0.0)
+    stream = io.StringIO()
+    with _progress.Progress(2, stream, enabled=True) as p:
+        p.start("vfiopy N=4")
+    text = stream.getvalue()
+    assert "[1/2] vfiopy N=4" in text
+    assert text.endswith("\r")  # the line is wiped at the end
+
+
+def test_child_reports_an_open_failure() -> None:
+    # A plain python3 runs the child; with no VFIO here (or no group 99999) it must
+    # answer "error ..." instead of "ready", and exit non-zero.
+    spec = {
+        "ioctls": {"GROUP_SET_CONTAINER": 0, "SET_IOMMU": 0, "GROUP_GET_DEVICE_FD": 0},
+        "iommu_type": 3,
+        "groups": [{"group": "99999", "devices": ["0000:ff:1f.7"]}],
+    }
+    res = subprocess.run(
+        [sys.executable, _child.__file__, json.dumps(spec)],
+        input="",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert res.returncode == 1
+    assert res.stdout.startswith("error E")

@@ -1,0 +1,5 @@
+"""``python -m vfiopy.bench``."""
+
+from vfiopy.bench._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""``python -m vfiopy.bench``: concurrent release versus close loops and process exit.
+
+Exit status: 0 when every run did what it measures, 1 when any run failed
+(a device did not open or release), 2 for usage errors (bad arguments, an
+unknown topology, ``--plot`` without matplotlib, ``--real`` without access).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import structlog
+
+from vfiopy.bench._modes import MODES, Mode, parse_mode
+from vfiopy.bench._progress import Progress
+from vfiopy.bench._report import (
+    PlotUnavailable,
+    check_plot_available,
+    format_summary,
+    write_plot,
+)
+from vfiopy.bench._results import MmioResult, Sweep
+from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
+
+KERNEL_MODELS = ("legacy", "devset")
+RESET_MODELS = ("pre-6.3", "current")
+DEFAULT_TOPOLOGY = "gpus:16"
+_PARAMETRIC = ("gpus", "vfs", "nvme")
+
+
+class UsageError(Exception):
+    """Arguments that cannot be run; exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    modes = "; ".join(f"{m.name} ({m.letter}): {m.about}" for m in MODES.values())
+    p = argparse.ArgumentParser(
+        prog="python -m vfiopy.bench",
+        description="Time how long N VFIO devices take to release (and to open): "
+        "vfiopy's release manager against process exit, a close loop, a thread per fd "
+        "and a process per device. Runs on the kernel simulator unless --real is given.",
+        epilog=f"modes: {modes}. Exit status: 0 all runs ok, 1 a run failed, 2 usage error.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--simulate",
+        metavar="TOPOLOGY",
+        default=None,
+        help=f"simulator topology: gpus:N, vfs:N, nvme:N, a ready name or a TOML path "
+        f"(default {DEFAULT_TOPOLOGY}); with gpus/vfs/nvme, each N of --devices builds "
+        "that many",
+    )
+    where.add_argument(
+        "--real",
+        metavar="ADDR",
+        nargs="+",
+        help="real devices bound to vfio-pci (needs root); --devices takes the first N "
+        "IOMMU groups of them",
+    )
+    p.add_argument("--devices", metavar="N", type=int, nargs="+", help="device counts to sweep")
+    p.add_argument(
+        "--modes",
+        metavar="MODE",
+        nargs="+",
+        default=list(MODES),
+        help="modes to run, by name or letter (default: all)",
+    )
+    p.add_argument(
+        "--kernel-model",
+        nargs="+",
+        choices=KERNEL_MODELS,
+        default=["devset"],
+        help="simulated kernel: legacy (< 5.0, one global lock) or devset (>= 5.15)",
+    )
+    p.add_argument(
+        "--reset-model",
+        nargs="+",
+        choices=RESET_MODELS,
+        default=["pre-6.3"],
+        help="simulated bus reset delay: pre-6.3 (fixed 1 s) or current (link dependent)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every simulated delay by F (default 1)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of teardown time against N")
+    p.add_argument(
+        "--mmio", action="store_true", help="also time a mapped-BAR read32 (ns per call)"
+    )
+    p.add_argument("--mmio-calls", type=int, default=200_000, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every device event")
+    return p
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Human lines on a TTY, JSON lines otherwise; always stderr."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.INFO if verbose else logging.WARNING
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _apply_spec_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``gpus:16,kernel=legacy,reset=current,scale=0.1``: the VFIOPY_SIMULATE form.
+
+    Options written in the spec replace the matching flags, so a spec copied
+    from the environment variable runs the same machine here.
+    """
+    from vfiopy.simulate import parse_spec
+
+    try:
+        topology, kernel, reset, scale = parse_spec(args.simulate)
+    except ValueError as exc:
+        parser.error(str(exc))
+    given = {opt.partition("=")[0].strip() for opt in args.simulate.split(",")[1:]}
+    if "kernel" in given:
+        if kernel not in KERNEL_MODELS:
+            parser.error(f"kernel={kernel}: choose from {', '.join(KERNEL_MODELS)}")
+        args.kernel_model = [kernel]
+    if "reset" in given:
+        if reset not in RESET_MODELS:
+            parser.error(f"reset={reset}: choose from {', '.join(RESET_MODELS)}")
+        args.reset_model = [reset]
+    if "scale" in given:
+        args.time_scale = scale
+    args.simulate = topology
+
+
+def _sweep_counts(args: argparse.Namespace, topology: str) -> list[int]:
+    if args.devices:
+        bad = [n for n in args.devices if n < 1]
+        if bad:
+            raise UsageError(f"--devices must be positive, got {bad}")
+        return list(dict.fromkeys(args.devices))
+    kind, _, num = topology.partition(":")
+    if kind in _PARAMETRIC and num.isdigit():
+        return [int(num)]
+    return [0]  # 0: every device the topology has
+
+
+def _factory(args: argparse.Namespace) -> tuple[SystemFactory, str]:
+    if args.real:
+        from vfiopy.bench._real import RealFactory
+
+        return RealFactory(args.real), "real"
+    from vfiopy.bench._sim import SimFactory
+
+    topology = args.simulate or DEFAULT_TOPOLOGY
+    return SimFactory(topology), topology
+
+
+def _write_json(sweep: Sweep, path: str) -> None:
+    doc = json.dumps(sweep.to_json(), indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(doc)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(doc)
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.simulate and "," in args.simulate:
+        _apply_spec_options(args, parser)
+    if args.time_scale < 0:
+        parser.error("--time-scale must be >= 0")
+    if args.real:
+        args.time_scale = 1.0  # real resets take the time they take
+    try:
+        if args.plot:
+            check_plot_available()
+        make, topology = _factory(args)
+        counts = [0] if args.real and not args.devices else _sweep_counts(args, topology)
+        kernel_models = ["real"] if args.real else args.kernel_model
+        reset_models = ["real"] if args.real else args.reset_model
+        # Build the first system now: a bad topology or missing access is a usage
+        # error, found before a sweep that may take minutes.
+        make(counts[0], kernel_models[0], reset_models[0], args.time_scale).discard()
+    except (PlotUnavailable, UsageError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    points = plan(counts, kernel_models, reset_models, modes)
+    sweep = Sweep(
+        args={
+            "topology": topology,
+            "real": args.real,
+            "devices": counts,
+            "modes": [m.name for m in modes],
+            "kernel_models": kernel_models,
+            "reset_models": reset_models,
+            "time_scale": args.time_scale,
+        }
+    )
+    mmio_failed = False
+    with Progress(len(points)) as progress:
+        sweep.runs = run_sweep(make, points, args.time_scale, progress)
+        if args.mmio:
+            try:
+                sweep.mmio = make_mmio(make, args, kernel_models[0], reset_models[0])
+            except (OSError, RuntimeError) as exc:
+                print(f"{parser.prog}: mmio benchmark failed: {exc}", file=sys.stderr)
+                mmio_failed = True
+
+    # The table goes to stdout unless the JSON document does.
+    table_out = out if out is not None else (sys.stderr if args.json == "-" else sys.stdout)
+    print(format_summary(sweep), file=table_out)
+    if args.json:
+        _write_json(sweep, args.json)
+    if args.plot:
+        write_plot(sweep, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0 if sweep.ok and not mmio_failed else 1
+
+
+def make_mmio(
+    make: SystemFactory, args: argparse.Namespace, kernel_model: str, reset_model: str
+) -> MmioResult:
+    from vfiopy.bench._mmio import measure
+
+    system = make(1, kernel_model, reset_model, args.time_scale)
+    try:
+        address = system.groups[0].devices[0]
+        backend = "real device" if args.real else "simulator (BAR is plain memory)"
+        return measure(system.kernel, address, args.mmio_calls, backend)
+    finally:
+        system.discard()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,162 @@
+"""The kernel simulator (``mock_vfio``) as a benchmark :class:`System`.
+
+Each run gets a fresh :class:`mock_vfio.machine.Machine`: resets are real
+sleeps and locks are real locks, so what a mode gains from concurrency is
+measured.  ``gpus:N``, ``vfs:N`` and ``nvme:N`` are rebuilt with the sweep's
+N; another topology is built whole and the run takes its first N IOMMU groups.
+The lower bound reads the machine's own cost model (reset method per device,
+device sets, bus reset delay per reset model) before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from vfiopy.bench import _vfiopy
+from vfiopy.bench._costs import FunctionModel, model_costs
+from vfiopy.bench._target import Costs, Group, ResetEvent
+from vfiopy.kernel import Kernel
+
+PARAMETRIC = ("gpus", "vfs", "nvme")
+
+
+def _simulator() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """``mock_vfio``'s machine, topology and trace modules.
+
+    Imported by name: the simulator is a separate package (tools/mock_vfio),
+    absent from a wheel-only install, and --real must work without it.
+    """
+    try:
+        return (
+            importlib.import_module("mock_vfio.machine"),
+            importlib.import_module("mock_vfio.topology"),
+            importlib.import_module("mock_vfio.trace"),
+        )
+    except ImportError as exc:
+        raise ValueError(
+            "the kernel simulator (package mock_vfio, tools/mock_vfio) is not installed; "
+            "install vfiopy from a source checkout (pip install -e .) or use --real"
+        ) from exc
+
+
+def topology_for(spec: str, n: int) -> str:
+    """``gpus:16`` with N=4 -> ``gpus:4``; other topologies are used as given."""
+    kind, _, num = spec.partition(":")
+    if kind in PARAMETRIC and num.isdigit() and n > 0:
+        return f"{kind}:{n}"
+    return spec
+
+
+class SimChild:
+    """A simulated process holding devices; its exit runs the releases on the caller's thread."""
+
+    def __init__(self, proc: Any, held: _vfiopy.Held) -> None:
+        self.proc = proc
+        # Kept so the session's objects outlive the setup; the exit releases the fds.
+        self.held = held
+
+    def exit(self) -> None:
+        self.proc.exit()
+
+
+class SimSystem:
+    def __init__(
+        self, spec: str, n: int, kernel_model: str, reset_model: str, time_scale: float
+    ) -> None:
+        self.topology = topology_for(spec, n)
+        self.kernel_model = kernel_model
+        self.reset_model = reset_model
+        self.time_scale = time_scale
+        machine, topology, trace = _simulator()
+        self._now: Callable[[], float] = trace.now
+        self._method_cost: dict[str, float] = {"flr": machine.FLR_COST, "pm": machine.PM_COST}
+        self.machine: Any = machine.Machine(
+            topology.load_topology(self.topology),
+            kernel_model=kernel_model,
+            reset_model=reset_model,
+            time_scale=time_scale,
+        )
+        self.kernel: Kernel = self.machine.spawn(name="bench")
+        groups: dict[int, Group] = {}
+        for dev in sorted(self.machine.devices.values(), key=lambda d: d.addr):
+            if dev.driver != "vfio-pci" or dev.devset is None:
+                continue
+            g = groups.setdefault(dev.group_id, Group(str(dev.group_id), dev.devset.name))
+            g.devices.append(dev.addr)
+        chosen = list(groups.values())
+        if n > 0 and topology_for(spec, n + 1) == spec:
+            if n > len(chosen):
+                raise ValueError(
+                    f"topology {spec} has {len(chosen)} IOMMU groups bound to vfio-pci, "
+                    f"fewer than --devices {n}"
+                )
+            chosen = chosen[:n]
+        if not chosen:
+            raise ValueError(f"topology {self.topology} has no device bound to vfio-pci")
+        self.groups = chosen
+        self.costs = self._costs()
+
+    def _costs(self) -> Costs:
+        m = self.machine
+        functions = []
+        for g in self.groups:
+            for addr in g.devices:
+                dev = m.device(addr)
+                method = dev.function_reset_method()
+                functions.append(
+                    FunctionModel(addr, g.domain, (method,) if method else (), alone_on_bus=True)
+                )
+
+        def method_cost(f: FunctionModel, method: str) -> float:
+            if method in self._method_cost:
+                return self._method_cost[method]
+            return float(m.bus_reset_cost(m.device(f.address).bridge))
+
+        def bus_cost(devset: str) -> float | None:
+            ds = m.devsets[devset]
+            if m.devset_resettable(ds) is None:
+                return None  # the kernel cannot reset the set: no bus reset at close
+            return float(m.bus_reset_cost(ds.bridge))
+
+        return model_costs(functions, method_cost, bus_cost)
+
+    @property
+    def serialised(self) -> bool:
+        return self.kernel_model == "legacy"
+
+    def start_child(self, name: str, groups: Sequence[Group]) -> SimChild:
+        proc = self.machine.spawn(name=name)
+        held = _vfiopy.open_all(proc, [d for g in groups for d in g.devices])
+        return SimChild(proc, held)
+
+    def now(self) -> float:
+        return self._now()
+
+    def resets(self) -> list[ResetEvent]:
+        # One event per reset operation: a bus reset hits both functions of a GPU.
+        return [
+            ResetEvent(e.method or "?", e.device or "", e.devset or "", e.start, e.end)
+            for e in self.machine.unique_resets()
+        ]
+
+    def leave_open(self, close: Callable[[], None]) -> None:
+        # The machine goes with the run: its kernel state needs no release.
+        pass
+
+    def discard(self) -> None:
+        self.machine.close()
+
+
+class SimFactory:
+    """Builds a :class:`SimSystem` per run from one topology spec."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        _, topology, _ = _simulator()
+        topology.load_topology(topology_for(spec, 1))  # unknown names raise ValueError here
+
+    def __call__(self, n: int, kernel_model: str, reset_model: str, time_scale: float) -> SimSystem:
+        return SimSystem(self.spec, n, kernel_model, reset_model, time_scale)
