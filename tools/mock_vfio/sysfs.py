@@ -605,8 +605,12 @@ def _lookup_dev(m: Machine, p: list[str]) -> Node | None:
     # Only listings walk every group or device; opening one node looks up just that one
     # (a 2048-VF machine opens 2048 groups).
     if n == 1:
-        groups = sorted(g for g in list(m.groups) if m.group_has_vfio(g))
-        return Dir(["vfio", *(str(g) for g in groups), *(["devices"] if m.cdev else [])])
+
+        def listing() -> list[str]:
+            groups = sorted(g for g in list(m.groups) if m.group_has_vfio(g))
+            return ["vfio", *(str(g) for g in groups), *(["devices"] if m.cdev else [])]
+
+        return Dir(listing)
     if n == 2 and p[1] == "vfio":
         return DevNode(lambda proc: proc.open_container())
     if n == 2 and p[1].isdigit() and m.group_has_vfio(int(p[1])):
@@ -614,8 +618,14 @@ def _lookup_dev(m: Machine, p: list[str]) -> Node | None:
         return DevNode(lambda proc: proc.open_group(gid))
     if p[1] == "devices" and m.cdev:
         if n == 2:
-            minors = sorted(d.minor for d in list(m.devices.values()) if d.driver == "vfio-pci")
-            return Dir([f"vfio{i}" for i in minors])
+            return Dir(
+                lambda: [
+                    f"vfio{i}"
+                    for i in sorted(
+                        d.minor for d in list(m.devices.values()) if d.driver == "vfio-pci"
+                    )
+                ]
+            )
         if n == 3 and p[2].startswith("vfio") and p[2][4:].isdigit():
             minor = int(p[2][4:])
             if any(d.minor == minor and d.driver == "vfio-pci" for d in list(m.devices.values())):
