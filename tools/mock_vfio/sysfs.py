@@ -450,12 +450,11 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
             return Dir(["iommu_groups"])
         if p[1] != "iommu_groups":
             return None
-        gids = _group_ids(m)
         if n == 2:
-            return Dir([str(g) for g in sorted(gids)])
-        if not p[2].isdigit() or int(p[2]) not in gids:
+            return Dir(lambda: [str(g) for g in sorted(_group_ids(m))])
+        members = _group_members(m, int(p[2])) if p[2].isdigit() else []
+        if not members:
             return None
-        gid = int(p[2])
         if n == 3:
             return Dir(["devices", "reserved_regions", "type"])
         if n == 4 and p[3] == "type":
@@ -464,7 +463,6 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
             return Attr(lambda: "0x00000000fee00000 0x00000000feefffff msi\n")
         if p[3] != "devices":
             return None
-        members = gids[gid]
         if n == 4:
             return Dir(sorted(members))
         if n == 5 and p[4] in members:
@@ -492,6 +490,15 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
             val = mods[p[1]][p[3]]
             return Attr(lambda: val + "\n")
     return None
+
+
+def _group_members(m: Machine, gid: int) -> list[str]:
+    """The addresses in group ``gid`` (one group: opening a device asks this for its own)."""
+    members = [b.addr for b in m.bridges.values() if b.group == gid]
+    g = m.groups.get(gid)
+    if g is not None:
+        members += [d.addr for d in list(g.devices)]
+    return members
 
 
 def _group_ids(m: Machine) -> dict[int, list[str]]:
