@@ -112,3 +112,12 @@ def test_child_reports_an_open_failure() -> None:
     )
     assert res.returncode == 1
     assert res.stdout.startswith("error E")
+
+
+def test_real_devices_have_no_target() -> None:
+    from vfiopy.bench._modes import MODES
+    from vfiopy.bench._sweep import target_for
+
+    vfiopy_mode = next(m for m in MODES if m.name == "vfiopy")
+    assert target_for(vfiopy_mode, "real", 1.0) is None
+    assert target_for(vfiopy_mode, "gpus:4", 1.0) is not None

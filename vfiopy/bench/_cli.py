@@ -26,6 +26,7 @@ from vfiopy.bench._report import (
 )
 from vfiopy.bench._results import MmioResult, Sweep
 from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
+from vfiopy.errors import VfioError
 
 KERNEL_MODELS = ("legacy", "devset")
 RESET_MODELS = ("pre-6.3", "current")
@@ -122,6 +123,18 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+def _real_group_count(addresses: list[str]) -> int:
+    """How many IOMMU groups (the unit a run takes) the given real devices span."""
+    from vfiopy.kernel import LinuxKernel
+    from vfiopy.sysfs import Sysfs
+
+    sysfs = Sysfs(LinuxKernel())
+    try:
+        return len({sysfs.iommu_group(a) for a in addresses})
+    except VfioError as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def _apply_spec_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """``gpus:16,kernel=legacy,reset=current,scale=0.1``: the VFIOPY_SIMULATE form.
 
@@ -198,7 +211,11 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.plot:
             check_plot_available()
         make, topology = _factory(args)
-        counts = [0] if args.real and not args.devices else _sweep_counts(args, topology)
+        counts = (
+            [_real_group_count(args.real)]
+            if args.real and not args.devices
+            else _sweep_counts(args, topology)
+        )
         kernel_models = ["real"] if args.real else args.kernel_model
         reset_models = ["real"] if args.real else args.reset_model
         # Build the first system now: a bad topology or missing access is a usage
