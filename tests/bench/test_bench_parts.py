@@ -118,6 +118,6 @@ def test_real_devices_have_no_target() -> None:
     from vfiopy.bench._modes import MODES
     from vfiopy.bench._sweep import target_for
 
-    vfiopy_mode = next(m for m in MODES if m.name == "vfiopy")
+    vfiopy_mode = MODES["vfiopy"]
     assert target_for(vfiopy_mode, "real", 1.0) is None
     assert target_for(vfiopy_mode, "gpus:4", 1.0) is not None
