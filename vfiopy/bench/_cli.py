@@ -12,9 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
-
-import structlog
+from typing import TextIO
 
 from vfiopy.bench._modes import MODES, Mode, parse_mode
 from vfiopy.bench._progress import Progress
@@ -27,6 +25,7 @@ from vfiopy.bench._report import (
 from vfiopy.bench._results import MmioResult, Sweep
 from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
 from vfiopy.errors import VfioError
+from vfiopy.logsetup import configure_cli_logging
 
 KERNEL_MODELS = ("legacy", "devset")
 RESET_MODELS = ("pre-6.3", "current")
@@ -102,27 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Human lines on a TTY, JSON lines otherwise; always stderr."""
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.WARNING
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-
-
 def _real_group_count(addresses: list[str]) -> int:
     """How many IOMMU groups (the unit a run takes) the given real devices span."""
     from vfiopy.kernel import LinuxKernel
@@ -196,7 +174,7 @@ def _write_json(sweep: Sweep, path: str) -> None:
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_cli_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:
