@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vfiopy.release._report import max_overlap
 from vfiopy.sysfs import VFIO_DRIVER, Sysfs
 
 MachineFactory = Callable[..., Any]
@@ -28,12 +29,7 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def overlap(events: list[Any]) -> int:
     """The most intervals open at one instant."""
-    marks = sorted([(e.start, 1) for e in events] + [(e.end, -1) for e in events])
-    peak = cur = 0
-    for _, step in marks:
-        cur += step
-        peak = max(peak, cur)
-    return peak
+    return max_overlap((e.start, e.end) for e in events)
 
 
 def devsets(m: Any) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vfiopy.kernel import Kernel
+from vfiopy.release._report import max_overlap as _max_overlap
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +103,4 @@ class System(Protocol):
 
 def max_overlap(events: Sequence[ResetEvent]) -> int:
     """The most resets in progress at one instant."""
-    edges = sorted([(e.start, 1) for e in events] + [(e.end, -1) for e in events])
-    best = cur = 0
-    for _, step in edges:
-        cur += step
-        best = max(best, cur)
-    return best
+    return _max_overlap((e.start, e.end) for e in events)

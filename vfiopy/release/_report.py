@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,3 +100,14 @@ def describe(exc: BaseException) -> tuple[str, int | None]:
     if isinstance(exc, OSError) and err and not text.strip():
         text = f"{_errno.errorcode.get(err, err)} ({exc.strerror})"
     return text or type(exc).__name__, err
+
+
+def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """The most ``(start, end)`` intervals open at one instant; touching ones do not overlap."""
+    # At equal times an end (-1) sorts before a start (+1).
+    edges = sorted(e for start, end in intervals for e in ((start, 1), (end, -1)))
+    best = cur = 0
+    for _, step in edges:
+        cur += step
+        best = max(best, cur)
+    return best

@@ -31,7 +31,14 @@ from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
 from vfiopy.release._manager import plan_for, release_addresses
 from vfiopy.release._plan import Plan, UsageError, parse_addresses
 from vfiopy.release._process import parse_signal
-from vfiopy.release._report import SCHEMA, DeviceResult, DomainResult, Report, Status
+from vfiopy.release._report import (
+    SCHEMA,
+    DeviceResult,
+    DomainResult,
+    Report,
+    Status,
+    max_overlap,
+)
 from vfiopy.release._takeover import Takeover, release_process, take_over
 
 if TYPE_CHECKING:
@@ -267,11 +274,7 @@ def _sim_summary(sim: _Sim, since: float) -> list[str]:
     if not resets:
         return ["simulator: no resets"]
     spans = sorted((e.start, e.end) for e in resets)
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    peak = cur = 0
-    for _, step in events:
-        cur += step
-        peak = max(peak, cur)
+    peak = max_overlap(spans)
     wall = max(e for _, e in spans) - min(s for s, _ in spans)
     serial = sum(e - s for s, e in spans)
     kinds: dict[str, int] = {}
