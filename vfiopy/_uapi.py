@@ -69,24 +69,6 @@ class Ioctl:
     IOMMUFD_OPTION: int = lib.IOMMU_OPTION
 
 
-_NAMES = {k: v for k, v in vars(Ioctl).items() if k.isupper()}
-_FD_PREFIXES = {
-    "container": ("GET_API", "CHECK_EXT", "SET_IOMMU", "IOMMU_"),
-    "group": ("GROUP_",),
-    "device": ("DEVICE_",),
-    "iommufd": ("IOMMUFD_",),
-}
-
-
-def ioctl_name(request: int, fd_kind: str = "device") -> str:
-    """The UAPI name of ``request`` issued on an fd of ``fd_kind``."""
-    prefixes = _FD_PREFIXES.get(fd_kind, ())
-    candidates = [k for k, v in _NAMES.items() if v == request]
-    for k in sorted(candidates, key=lambda k: not k.startswith(prefixes)):
-        return "IOMMU_" + k.removeprefix("IOMMUFD_") if k.startswith("IOMMUFD_") else "VFIO_" + k
-    return hex(request)
-
-
 class IommuType(enum.IntEnum):
     TYPE1 = lib.VFIO_TYPE1_IOMMU
     SPAPR_TCE = lib.VFIO_SPAPR_TCE_IOMMU

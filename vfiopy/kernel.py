@@ -17,7 +17,7 @@ import select
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from vfiopy._uapi import CData, lib
+from vfiopy._uapi import CData, ffi, lib
 
 O_RDWR = os.O_RDWR
 O_RDONLY = os.O_RDONLY
@@ -106,8 +106,6 @@ class LinuxKernel:
         return os.write(fd, data)
 
     def mmap(self, fd: int, length: int, offset: int, prot: int, flags: int) -> int:
-        from vfiopy._uapi import ffi
-
         out = ffi.new("uintptr_t *")
         _check(lib.vfiopy_mmap(fd, length, prot, flags, offset, out))
         return int(out[0])

@@ -34,6 +34,7 @@ from vfiopy.bench._costs import (
 from vfiopy.bench._target import Costs, Group, ResetEvent
 from vfiopy.errors import VfioError
 from vfiopy.kernel import Kernel, LinuxKernel
+from vfiopy.release._plan import domain_id
 from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
 
 CHILD_SCRIPT = Path(__file__).with_name("_child.py")
@@ -43,10 +44,6 @@ CHILD_PYTHON = os.environ.get("VFIOPY_BENCH_CHILD_PYTHON") or (
     "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 )
 _RESET_KINDS = frozenset({"bus", "flr", "af_flr", "pm"})
-
-
-def _domain_id(members: Sequence[PciAddress], addr: PciAddress) -> str:
-    return str(addr) if len(members) <= 1 else f"{addr.domain:04x}:{addr.bus:02x}"
 
 
 def _guest_trace() -> ModuleType | None:
@@ -112,7 +109,7 @@ class RealSystem:
             if sysfs.driver(a) != VFIO_DRIVER:
                 raise ValueError(f"{a}: not bound to vfio-pci; bind it first (driverctl)")
             members = sysfs.reset_domain(a)
-            domain = _domain_id(members, a)
+            domain = domain_id(members, a)
             group = str(sysfs.iommu_group(a))
             groups.setdefault(group, Group(group, domain)).devices.append(str(a))
             models.append(
