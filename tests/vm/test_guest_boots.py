@@ -27,7 +27,7 @@ def test_devices_bound_to_vfio_pci(guest: vmtest.Guest, layout: vmtest.Layout) -
         print(json.dumps(out))
         """
     )
-    result = guest.run_python(code, *layout.bdfs(), check=True)
+    result = guest.run_python(code, *layout.bdfs(), timeout=120, check=True)
     seen = json.loads(result.stdout)
     assert seen["container"], "/dev/vfio/vfio missing"
     for dev in layout.devices:
@@ -71,7 +71,7 @@ def test_multifunction_pair_bus_reset_once_at_last_close(
         }))
         """
     )
-    result = guest.run_python(code, first, last, check=True)
+    result = guest.run_python(code, first, last, timeout=120, check=True)
     seen = json.loads(result.stdout)
     assert seen["after_first"] == 0, seen["events"]
     assert seen["first"] == 1, seen["events"]

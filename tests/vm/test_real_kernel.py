@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import vmtest
-from conftest import REPO, guest_env
+from conftest import REPO, Guests, guest_env
 
 pytestmark = pytest.mark.vm
 
@@ -139,9 +139,9 @@ def test_edu_driver(guest: vmtest.Guest) -> None:
 
 
 @pytest.fixture(scope="module")
-def release_results(guest: vmtest.Guest, layout: vmtest.Layout) -> dict[str, Any]:
+def release_results(guests: Guests, layout: vmtest.Layout) -> dict[str, Any]:
     argv = [*layout.bdfs("e1000e"), "--", *layout.bdfs("mf"), "--", *layout.bdfs("edu")]
-    result = guest.run(
+    result = guests.get().run(
         [vmtest.GUEST_PYTHON, str(GUEST_RELEASE), *argv],
         cwd=REPO,
         env=guest_env(),

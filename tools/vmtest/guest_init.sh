@@ -108,6 +108,10 @@ reap() {
 	echo $strays
 }
 
+# A job stuck in the kernel (D state) cannot be killed and would only show as silence: let the
+# hung-task detector name it with its stack on the console within 30 s (boot stays quiet).
+echo 30 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+echo 7 > /proc/sys/kernel/printk
 uptime_s > $C/ready.tmp && mv $C/ready.tmp $C/ready
 say "ready at $(uptime_s) s"
 n=1

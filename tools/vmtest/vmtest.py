@@ -595,6 +595,16 @@ class Guest:
         self.close(timeout=60.0 if exc_type is None else 0.0)
 
     @property
+    def usable(self) -> bool:
+        """True while the guest is up and has not hung or died."""
+        return self._proc is not None and self._dead is None and self._proc.poll() is None
+
+    @property
+    def death(self) -> str | None:
+        """Why the guest became unusable (a hang, QEMU's exit), or None."""
+        return self._dead
+
+    @property
     def console(self) -> str:
         with self._lock:
             return "".join(self._console)
@@ -824,9 +834,9 @@ class Guest:
         while not status.exists():
             self._check_alive(f"running {shlex.join(command)}")
             if time.monotonic() > deadline:
-                self._dead = f"guest stopped answering during {shlex.join(command)}"
+                self._dead = f"guest stopped answering during job {self._jobs}: {_brief(command)}"
                 self._terminate()
-                raise VmError(f"{self._dead}; console tail:\n{self._console_tail()}")
+                raise VmError(f"{self._dead}; console tail:\n{self._console_tail(80)}")
             time.sleep(0.02)
         rc = int(status.read_text().strip() or "255")
         elapsed = _uptime(job / "end") - _uptime(job / "start")
@@ -854,6 +864,12 @@ class Guest:
         env = {"PYTHONPATH": guest_pythonpath(*pythonpath, HERE)}
         env.update(kwargs.pop("env", None) or {})
         return self.run([GUEST_PYTHON, "-c", code, *args], env=env, **kwargs)
+
+
+def _brief(command: Sequence[str], limit: int = 160) -> str:
+    """A command on one short line, for messages repeated by every later test."""
+    text = " ".join(shlex.join(command).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def guest_pythonpath(*first: str | os.PathLike[str]) -> str:
