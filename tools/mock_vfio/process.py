@@ -10,6 +10,7 @@ reset) runs on the thread that drops the last one, like ``fput`` + task_work.
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import select
 import signal
@@ -56,6 +57,10 @@ class SimProcess:
         self.exiting = False
         self.signals: list[int] = []
         self._fds: dict[int, File] = {}
+        # The kernel hands out the lowest free fd: freed numbers wait in a heap, so
+        # thousands of open devices do not make every open scan the table.
+        self._free_fds: list[int] = []
+        self._next_fd = SIM_FD_BASE
         self._maps: list[tuple[int, int, File]] = []
         self._host_maps: set[tuple[int, int]] = set()
         self._lock = threading.RLock()
@@ -75,9 +80,11 @@ class SimProcess:
         with self._lock:
             if not self.alive:
                 raise oserror(errno.ESRCH, f"process {self.pid} has exited")
-            fd = SIM_FD_BASE
-            while fd in self._fds:
-                fd += 1
+            if self._free_fds:
+                fd = heapq.heappop(self._free_fds)
+            else:
+                fd = self._next_fd
+                self._next_fd += 1
             _get(self.machine, f)
             self._fds[fd] = f
             return fd
@@ -158,6 +165,8 @@ class SimProcess:
             return
         with self._lock:
             f = self._fds.pop(fd, None)
+            if f is not None:
+                heapq.heappush(self._free_fds, fd)
         if f is None:
             raise oserror(errno.EBADF, f"fd {fd}")
         try:

@@ -644,7 +644,7 @@ def _lookup_proc(proc: SimProcess, p: list[str]) -> Node | None:
     m = proc.machine
     n = len(p)
     if n == 0:
-        return Dir(["self", *(str(x.pid) for x in m.processes)])
+        return Dir(lambda: ["self", *(str(x.pid) for x in m.processes)])
     if p[0] == "self":
         return Link(str(proc.pid)) if n == 1 else None
     if not p[0].isdigit():
@@ -664,7 +664,7 @@ def _lookup_proc(proc: SimProcess, p: list[str]) -> Node | None:
     table = target.fd_table()
     if p[1] in ("fd", "fdinfo"):
         if n == 2:
-            return Dir([str(fd) for fd in sorted(table)])
+            return Dir(lambda: [str(fd) for fd in sorted(table)])
         if n == 3 and p[2].isdigit() and int(p[2]) in table:
             f = table[int(p[2])]
             if p[1] == "fd":
