@@ -18,6 +18,8 @@ import pytest
 import vmtest
 from conftest import REPO, Guests, guest_env
 
+from vfiopy.release._report import max_overlap
+
 pytestmark = pytest.mark.vm
 
 NIC = "0000:01:00.0"
@@ -152,17 +154,16 @@ def release_results(guests: Guests, layout: vmtest.Layout) -> dict[str, Any]:
     return doc
 
 
-def overlapping(bus: list[dict[str, Any]]) -> bool:
-    """Whether every reset ran while another was running: none ran alone, as in a close loop.
+def concurrent(bus: list[dict[str, Any]]) -> bool:
+    """Whether the resets ran on separate threads and some of them at the same time.
 
-    Not "all at once": the guest's Python (about 30 ms a device under TCG, more on a loaded
-    host) starts the releases one after another, so on a slow host the first reset may end
-    just before the last one starts.
+    A close loop or a process exit runs them on one task, never two at once. How many run
+    at once is a timing, not a property: the guest's Python (about 30 ms a device under TCG,
+    far more on a loaded host) starts them one after another, so on a slow host the first
+    may end before the last starts. The README reports the measured overlap.
     """
-    return all(
-        any(f is not e and f["start"] < e["end"] and e["start"] < f["end"] for f in bus)
-        for e in bus
-    )
+    threads = {e["pid"] for e in bus}
+    return len(threads) == len(bus) and max_overlap((e["start"], e["end"]) for e in bus) >= 2
 
 
 def test_release_api_acquire_reset_release(
@@ -186,7 +187,7 @@ def test_release_api_acquire_reset_release(
     assert all(counts[a] == one_reset(1, 0) for a in pair), counts
     nic_bus = [e for e in api["release"]["bus"] if set(e["affected"]) & set(nics)]
     assert len(nic_bus) == 6 and all(e["ret"] == 0 for e in nic_bus)
-    assert overlapping(nic_bus), nic_bus
+    assert concurrent(nic_bus), nic_bus
 
 
 def test_release_cli_addresses(release_results: dict[str, Any], layout: vmtest.Layout) -> None:
@@ -217,5 +218,4 @@ def test_release_cli_pid(release_results: dict[str, Any], layout: vmtest.Layout)
     assert all(counts[a] == one_reset(1, 1) for a in nics), counts
     bus = pid["resets"]["bus"]
     assert len(bus) == 6 and all(e["ret"] == 0 for e in bus)
-    assert overlapping(bus), bus  # released from worker threads, not one by one at exit
-    assert len({e["pid"] for e in bus}) == 6
+    assert concurrent(bus), bus  # released from worker threads, not one by one at exit
