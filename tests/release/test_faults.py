@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from typing import Any
 
@@ -65,6 +66,23 @@ async def test_hung_reset_past_the_timeout(machine: MachineFactory) -> None:
     # The abandoned worker finishes once the reset returns; then nothing is left open.
     ev.set()
     assert wait_until(lambda: m.open_fds() == 0)
+
+
+async def test_hung_domain_does_not_stall_the_queue(machine: MachineFactory) -> None:
+    """With one worker, a hung domain is abandoned and a new worker takes the rest."""
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    own_fds = len(os.listdir("/proc/self/fd"))
+    ev = m.faults.hang_reset(addrs[0])
+    report = await release(session, timeout=0.3, max_parallel=1)
+    accounted(report, addrs)
+    hung = report.devices[[r.address for r in report.devices].index(addrs[0])].domain
+    assert [d.id for d in report.domains if d.timed_out] == [hung]
+    assert all(r.status is Status.RELEASED for r in report.devices if r.domain != hung)
+    ev.set()
+    assert wait_until(lambda: m.open_fds() == 0)
+    # The abandoned worker was the last user of the run's wake-up fd: it closed it.
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= own_fds)
 
 
 async def test_device_removed_mid_release(machine: MachineFactory) -> None:

@@ -2,22 +2,25 @@
 
 Devices of one reset domain share the kernel's device-set mutex, so giving
 them separate threads buys nothing but lock waits; one thread per domain
-walks its devices in order, and domains run side by side.  The limiter is
-sized to the number of domains (capped), because the default of 40 tokens
-would make 2048 single-VF domains crawl.
+walks its devices in order, and domains run side by side.  The threads are
+our own, as many as there are domains (capped), not anyio's pool: its
+default of 40 would make 2048 single-VF domains crawl, and a task plus a
+thread hand-off per domain costs more Python than the release itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-import anyio.to_thread
 import structlog
 
 from vfiopy.release._report import DeviceResult, DomainResult, Report, Status, describe
@@ -51,6 +54,7 @@ class DomainJob:
     # as closing a device that finished opening after we gave up on it.
     finally_fn: Callable[[bool], object] | None = None
     ok_status: Status = Status.RELEASED
+    started: float = 0.0  # monotonic time a worker took the job
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _abandoned: bool = False
     _finished: bool = False
@@ -109,6 +113,57 @@ def _work(job: DomainJob, t0: float, event: str) -> None:
             job.finally_fn(abandoned)
 
 
+class _Mailbox:
+    """Worker threads tell the event loop that a job started or ended.
+
+    One eventfd wakes the loop for any number of notes, so thousands of
+    domains cost one wake-up per batch instead of an event-loop callback (and
+    an async task and cancel scope) per domain.  The fd stays open until the
+    loop and every worker have left: a worker abandoned on timeout may post
+    long after the loop returned, and must never write to a reused fd number.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.notes: deque[tuple[str, DomainJob]] = deque()
+        self._users = 1  # the loop
+        self._lock = threading.Lock()
+
+    def join(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            os.close(self.fd)
+
+    def post(self, phase: str, job: DomainJob) -> None:
+        self.notes.append((phase, job))
+        os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+
+
+def _worker(queue: deque[DomainJob], mail: _Mailbox, t0: float, event: str) -> None:
+    try:
+        while True:
+            try:
+                job = queue.popleft()
+            except IndexError:
+                return
+            job.started = time.monotonic()
+            mail.post("start", job)
+            _work(job, t0, event)
+            mail.post("end", job)
+    finally:
+        mail.leave()
+
+
 async def run_domains(
     action: str,
     jobs: Sequence[DomainJob],
@@ -117,56 +172,90 @@ async def run_domains(
     max_parallel: int = DEFAULT_MAX_PARALLEL,
     timeout: float | None = None,
     progress: ProgressFn | None = None,
-    shield: bool = True,
 ) -> Report:
     """Run every job's steps; each device ends released, failed or timed out.
 
-    With ``shield`` the run cannot be cancelled from outside: a release that
-    stopped half-way would leave device fds open and resets unrun, so a
-    cancellation (or the signal that caused it) takes effect when it ends.
-    The per-domain ``timeout`` still applies: a domain whose worker hangs
-    (a reset that never finishes) is abandoned, its unfinished devices
-    reported failed, and the others complete.
+    Up to ``max_parallel`` worker threads take domains from one queue.  The
+    run cannot be cancelled from outside: a release that stopped half-way
+    would leave device fds open and resets unrun, so a cancellation (or the
+    signal that caused it) takes effect when it ends.  The per-domain
+    ``timeout`` counts from when a worker takes the domain: a domain whose
+    worker hangs (a reset that never finishes) is abandoned, its unfinished
+    devices reported failed, a new worker takes its place, and the other
+    domains complete.
     """
     report = Report(
         action, [j.domain for j in jobs], [r for j in jobs for s in j.steps for r in s.results]
     )
     t0 = time.monotonic()
-    n = max(1, min(len(jobs), max_parallel))
-    tokens = anyio.CapacityLimiter(n)
-    # run_sync holds a token of its own limiter only while the async side
-    # waits; ours is taken first, so the per-domain timeout starts when the
-    # domain's worker does, not while it queues behind other domains.
-    threads = anyio.CapacityLimiter(n)
-    deadline = math.inf if timeout is None else timeout
+    queue = deque(jobs)
+    mail = _Mailbox()
+    spawned = 0
 
-    async def one(job: DomainJob) -> None:
-        async with tokens:
-            if progress is not None:
-                progress("start", job.domain, [r for s in job.steps for r in s.results])
-            with anyio.move_on_after(deadline) as scope:
-                await anyio.to_thread.run_sync(
-                    _work, job, t0, event, abandon_on_cancel=True, limiter=threads
-                )
-            if scope.cancelled_caught:
-                _abandon(job, t0, deadline)
-            if progress is not None:
-                progress("end", job.domain, [r for s in job.steps for r in s.results])
+    def spawn() -> None:
+        nonlocal spawned
+        mail.join()
+        spawned += 1
+        try:
+            threading.Thread(
+                target=_worker,
+                args=(queue, mail, t0, event),
+                name=f"vfiopy-{action}-{spawned}",
+                daemon=True,
+            ).start()
+        except BaseException:
+            mail.leave()
+            raise
 
-    with anyio.CancelScope(shield=shield):
-        async with anyio.create_task_group() as tg:
-            for job in jobs:
-                tg.start_soon(one, job)
+    running: dict[int, DomainJob] = {}
+    left = len(jobs)
+    with anyio.CancelScope(shield=True):
+        try:
+            for _ in range(min(len(jobs), max(1, max_parallel))):
+                spawn()
+            while left:
+                wait = math.inf
+                if timeout is not None and running:
+                    first = min(j.started for j in running.values())
+                    wait = max(0.0, first + timeout - time.monotonic())
+                with anyio.move_on_after(wait):
+                    await anyio.wait_readable(mail.fd)
+                mail.clear()
+                while mail.notes:
+                    phase, job = mail.notes.popleft()
+                    if phase == "start":
+                        running[id(job)] = job
+                    elif running.pop(id(job), None) is None:
+                        continue  # ended after it was abandoned: reported already
+                    else:
+                        left -= 1
+                    if progress is not None:
+                        progress(phase, job.domain, [r for s in job.steps for r in s.results])
+                if timeout is None:
+                    continue
+                now = time.monotonic()
+                for job in [j for j in running.values() if now >= j.started + timeout]:
+                    if not _abandon(job, t0, timeout):
+                        continue  # it finished just now: its "end" note is on its way
+                    del running[id(job)]
+                    left -= 1
+                    if progress is not None:
+                        progress("end", job.domain, [r for s in job.steps for r in s.results])
+                    if queue:
+                        spawn()  # the hung worker keeps its thread; the queue must go on
+        finally:
+            mail.leave()
     report.elapsed_s = time.monotonic() - t0
     return report
 
 
-def _abandon(job: DomainJob, t0: float, timeout: float) -> None:
+def _abandon(job: DomainJob, t0: float, timeout: float) -> bool:
+    """Report the job's unfinished devices as timed out; False if it finished meanwhile."""
     now = time.monotonic() - t0
     hung: str | None = None
     with job._lock:
         if job._finished:
-            return  # the worker completed just as the deadline passed
+            return False  # the worker completed just as the deadline passed
         job._abandoned = True
         for step in job.steps:
             if all(r.status is not Status.SKIPPED for r in step.results):
@@ -189,3 +278,4 @@ def _abandon(job: DomainJob, t0: float, timeout: float) -> None:
         elapsed_s=timeout,
         errno=errno.ETIMEDOUT,
     )
+    return True
