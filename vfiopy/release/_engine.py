@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import structlog
@@ -60,7 +61,7 @@ class DomainJob:
     _finished: bool = False
 
 
-def _work(job: DomainJob, t0: float, event: str) -> None:
+def _work(job: DomainJob, t0: float, event: str, logger: Any) -> None:
     domain = job.domain.id
     try:
         for step in job.steps:
@@ -88,7 +89,7 @@ def _work(job: DomainJob, t0: float, event: str) -> None:
                         r.error, r.errno = describe(exc)
             for r in step.results:
                 if exc is None:
-                    log.info(
+                    logger.info(
                         event,
                         bdf=r.address,
                         domain=domain,
@@ -96,7 +97,7 @@ def _work(job: DomainJob, t0: float, event: str) -> None:
                         elapsed_s=round(end - start, 6),
                     )
                 else:
-                    log.error(
+                    logger.error(
                         event + "_failed",
                         bdf=r.address,
                         domain=domain,
@@ -149,7 +150,7 @@ class _Mailbox:
             os.eventfd_read(self.fd)
 
 
-def _worker(queue: deque[DomainJob], mail: _Mailbox, t0: float, event: str) -> None:
+def _worker(queue: deque[DomainJob], mail: _Mailbox, t0: float, event: str, logger: Any) -> None:
     try:
         while True:
             try:
@@ -158,7 +159,7 @@ def _worker(queue: deque[DomainJob], mail: _Mailbox, t0: float, event: str) -> N
                 return
             job.started = time.monotonic()
             mail.post("start", job)
-            _work(job, t0, event)
+            _work(job, t0, event, logger)
             mail.post("end", job)
     finally:
         mail.leave()
@@ -191,6 +192,8 @@ async def run_domains(
     queue = deque(jobs)
     mail = _Mailbox()
     spawned = 0
+    # Bound once per run: each call through the module's lazy proxy would bind anew.
+    logger = log.bind()
 
     def spawn() -> None:
         nonlocal spawned
@@ -199,7 +202,7 @@ async def run_domains(
         try:
             threading.Thread(
                 target=_worker,
-                args=(queue, mail, t0, event),
+                args=(queue, mail, t0, event, logger),
                 name=f"vfiopy-{action}-{spawned}",
                 daemon=True,
             ).start()

@@ -83,6 +83,15 @@ class Report:
     def failed(self) -> list[DeviceResult]:
         return [d for d in self.devices if d.status in (Status.FAILED, Status.SKIPPED)]
 
+    def __repr__(self) -> str:
+        # Summarised: the field-by-field repr of 2048 devices is long and slow to build, and
+        # asyncio builds it for the task that returned the report.
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts().items() if v)
+        return (
+            f"<Report {self.action} ok={self.ok} {len(self.domains)} domains "
+            f"{len(self.devices)} devices ({counts}) in {self.elapsed_s:.3f} s>"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
