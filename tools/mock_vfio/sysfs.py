@@ -12,7 +12,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mock_vfio.files import File
@@ -79,6 +79,14 @@ def _parent_bridge(m: Machine, bus: int) -> Bridge | None:
 
 def _chain(m: Machine, addr: str) -> list[str]:
     """Addresses from the root bus down to ``addr`` (bridges first)."""
+    chains = _index(m).chains
+    found = chains.get(addr)
+    if found is None:
+        found = chains[addr] = _walk_chain(m, addr)
+    return found
+
+
+def _walk_chain(m: Machine, addr: str) -> list[str]:
     dev = m.devices.get(addr)
     if dev is not None and dev.is_vf and dev.spec.physfn:
         # VFs sit next to their PF in the device tree
@@ -313,24 +321,36 @@ def _bridge_entry(m: Machine, br: Bridge, name: str, depth: int) -> Node | None:
     return None
 
 
-_CHILDREN: weakref.WeakKeyDictionary[
-    Machine, tuple[tuple[int, int], dict[tuple[str, str | None], list[str]]]
-] = weakref.WeakKeyDictionary()
+@dataclass
+class _Index:
+    """Per-machine lookups that path walks ask for every component: without them a
+    2048-VF tree makes each walk quadratic.  Devices only appear or vanish (SR-IOV,
+    removal), never move, so the device and bridge counts tell when it is stale."""
+
+    key: tuple[int, int]
+    children: dict[tuple[str, str | None], list[str]] | None = None
+    chains: dict[str, list[str]] = field(default_factory=dict)
+
+
+_INDEX: weakref.WeakKeyDictionary[Machine, _Index] = weakref.WeakKeyDictionary()
+
+
+def _index(m: Machine) -> _Index:
+    key = (len(m.bridges), len(m.devices))
+    found = _INDEX.get(m)
+    if found is None or found.key != key:
+        found = _INDEX[m] = _Index(key)
+    return found
 
 
 def _children(m: Machine, bus_owner: Bridge | None, domain: str) -> list[str]:
-    # Path walks ask this for every component; an index keeps a 2048-VF tree
-    # linear.  Devices only appear or vanish (SR-IOV, removal), never move, so
-    # the counts tell when the index is stale.
-    key = (len(m.bridges), len(m.devices))
-    cached = _CHILDREN.get(m)
-    if cached is None or cached[0] != key:
-        index: dict[tuple[str, str | None], list[str]] = {}
+    idx = _index(m)
+    if idx.children is None:
+        children: dict[tuple[str, str | None], list[str]] = {}
         for addr in sorted([*m.bridges, *m.devices]):
-            index.setdefault((addr[:4], _parent_of(m, addr)), []).append(addr)
-        cached = (key, index)
-        _CHILDREN[m] = cached
-    return list(cached[1].get((domain, bus_owner.addr if bus_owner else None), []))
+            children.setdefault((addr[:4], _parent_of(m, addr)), []).append(addr)
+        idx.children = children
+    return list(idx.children.get((domain, bus_owner.addr if bus_owner else None), []))
 
 
 def _parent_of(m: Machine, addr: str) -> str | None:
@@ -392,10 +412,13 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
         owner: Bridge | None = None
         while i < n:
             comp = p[i]
-            try:
-                addr = norm_addr(comp)
-            except ValueError:
-                break
+            if comp in m.devices or comp in m.bridges:
+                addr = comp  # already canonical: the common case, no parsing
+            else:
+                try:
+                    addr = norm_addr(comp)
+                except ValueError:
+                    break
             if addr != comp or _parent_of(m, addr) != (owner.addr if owner else None):
                 return None
             if addr in m.bridges:
@@ -694,24 +717,37 @@ def resolve(proc: SimProcess, path: str, follow_last: bool = True) -> Node:
         raise oserror(errno.ENOENT, path)
     parts = _split(path)
     for _ in range(40):
-        restart = False
-        for i in range(1, len(parts) + 1):
-            node = _lookup(proc, parts[:i])
-            if node is None:
-                raise oserror(errno.ENOENT, path)
-            if isinstance(node, Link) and (i < len(parts) or follow_last):
-                base = [] if node.target.startswith("/") else parts[: i - 1]
-                parts = _split("/" + "/".join(base) + "/" + node.target) + parts[i:]
-                restart = True
-                break
-            if i < len(parts) and not isinstance(node, Dir):
-                raise oserror(errno.ENOTDIR, path)
-        if not restart:
-            node = _lookup(proc, parts)
-            if node is None:
-                raise oserror(errno.ENOENT, path)
-            return node
+        # The lookups serve no path through a symlink, so a whole path they answer
+        # needs no walk: most paths asked for are canonical, and the walk below
+        # looks up every prefix from the root.
+        node = _lookup(proc, parts)
+        if node is None:
+            parts = _through_link(proc, parts, path)
+            continue
+        if isinstance(node, Link) and follow_last:
+            parts = _follow(parts, len(parts), node)
+            continue
+        return node
     raise oserror(errno.ELOOP, path)
+
+
+def _follow(parts: list[str], i: int, link: Link) -> list[str]:
+    """``parts`` with its first ``i`` components replaced by where ``link`` (the i-th) points."""
+    base = [] if link.target.startswith("/") else parts[: i - 1]
+    return _split("/" + "/".join(base) + "/" + link.target) + parts[i:]
+
+
+def _through_link(proc: SimProcess, parts: list[str], path: str) -> list[str]:
+    """The path with its first symlink followed; ENOENT/ENOTDIR when there is none."""
+    for i in range(1, len(parts)):
+        node = _lookup(proc, parts[:i])
+        if node is None:
+            break
+        if isinstance(node, Link):
+            return _follow(parts, i, node)
+        if not isinstance(node, Dir):
+            raise oserror(errno.ENOTDIR, path)
+    raise oserror(errno.ENOENT, path)
 
 
 def read_text(proc: SimProcess, path: str) -> str:
