@@ -7,11 +7,12 @@ import textwrap
 
 import pytest
 import vmtest
+from conftest import Guests
 
 pytestmark = pytest.mark.vm
 
 
-def test_devices_bound_to_vfio_pci(guest: vmtest.Guest, layout: vmtest.Layout) -> None:
+def test_devices_bound_to_vfio_pci(guest: Guests, layout: vmtest.Layout) -> None:
     code = textwrap.dedent(
         """
         import json, os, sys
@@ -43,7 +44,7 @@ def test_devices_bound_to_vfio_pci(guest: vmtest.Guest, layout: vmtest.Layout) -
 
 
 def test_multifunction_pair_bus_reset_once_at_last_close(
-    guest: vmtest.Guest, layout: vmtest.Layout
+    guest: Guests, layout: vmtest.Layout
 ) -> None:
     """vfio-pci resets a device set with one bus reset when its last device closes."""
     first, last = (d.bdf for d in layout.by_role("mf"))

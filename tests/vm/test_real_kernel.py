@@ -118,7 +118,7 @@ def test_release_reset_counts(conformance_results: dict[str, Any]) -> None:
 # --- the edu driver: MMIO, MSI on an eventfd, DMA through the IOMMU --------------------------
 
 
-def test_edu_driver(guest: vmtest.Guest) -> None:
+def test_edu_driver(guest: Guests) -> None:
     result = guest.run(
         [vmtest.GUEST_PYTHON, str(REPO / "examples" / "edu_driver.py"), "--json"],
         cwd=REPO,
@@ -143,7 +143,7 @@ def test_edu_driver(guest: vmtest.Guest) -> None:
 @pytest.fixture(scope="module")
 def release_results(guests: Guests, layout: vmtest.Layout) -> dict[str, Any]:
     argv = [*layout.bdfs("e1000e"), "--", *layout.bdfs("mf"), "--", *layout.bdfs("edu")]
-    result = guests.get().run(
+    result = guests.run(
         [vmtest.GUEST_PYTHON, str(GUEST_RELEASE), *argv],
         cwd=REPO,
         env=guest_env(),
