@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from typing import Any
 
@@ -83,6 +84,29 @@ async def test_hung_domain_does_not_stall_the_queue(machine: MachineFactory) -> 
     assert wait_until(lambda: m.open_fds() == 0)
     # The abandoned worker was the last user of the run's wake-up fd: it closed it.
     assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= own_fds)
+
+
+async def test_out_of_threads_runs_with_the_workers_it_got(
+    machine: MachineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pids.max or RLIMIT_NPROC refusing threads: fewer workers, every device still released."""
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    real_start = threading.Thread.start
+    started: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("vfiopy-release-"):
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+            started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    report = await release(session)
+    accounted(report, addrs)
+    assert report.ok and len(started) == 2
+    assert m.open_fds() == 0
 
 
 async def test_device_removed_mid_release(machine: MachineFactory) -> None:

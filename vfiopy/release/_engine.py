@@ -195,27 +195,36 @@ async def run_domains(
     # Bound once per run: each call through the module's lazy proxy would bind anew.
     logger = log.bind()
 
-    def spawn() -> None:
+    def spawn() -> bool:
+        """Start one more worker; False when the system has no thread to give."""
         nonlocal spawned
         mail.join()
-        spawned += 1
         try:
             threading.Thread(
                 target=_worker,
                 args=(queue, mail, t0, event, logger),
-                name=f"vfiopy-{action}-{spawned}",
+                name=f"vfiopy-{action}-{spawned + 1}",
                 daemon=True,
             ).start()
-        except BaseException:
+        except BaseException as exc:
             mail.leave()
+            # RLIMIT_NPROC or the cgroup's pids.max: run with the workers we have.
+            if spawned and isinstance(exc, RuntimeError):
+                log.warning(
+                    f"{action}.fewer_workers", workers=spawned, domains=len(jobs), error=str(exc)
+                )
+                return False
             raise
+        spawned += 1
+        return True
 
     running: dict[int, DomainJob] = {}
     left = len(jobs)
     with anyio.CancelScope(shield=True):
         try:
             for _ in range(min(len(jobs), max(1, max_parallel))):
-                spawn()
+                if not spawn():
+                    break
             while left:
                 wait = math.inf
                 if timeout is not None and running:
