@@ -42,8 +42,9 @@ class Guests:
 
     A command that hangs the guest (QEMU under TCG has done so, rarely and not reproducibly,
     with every vCPU silent) runs once more on a fresh guest, and the hang is reported in the
-    test summary with the console. Only the guest's death is retried: a command that fails,
-    or a second hang, fails the test. After MAX_BOOTS boots the tier stops booting.
+    test summary with the console; so is a boot that hangs or dies. Only the guest's death is
+    retried: a command that fails, a guest whose devices are wrong, or a second hang of the
+    same command fails the test. After MAX_BOOTS boots the tier stops booting.
     """
 
     MAX_BOOTS = 3
@@ -65,20 +66,28 @@ class Guests:
         if current is not None:
             current.close(timeout=0)
             self._current = None
-        if self.boots >= self.MAX_BOOTS:
-            raise vmtest.VmError(
-                f"not booting a guest again after {self.boots} boots; "
-                + "; ".join(h.splitlines()[0] for h in HUNG_GUESTS)
-            )
-        self.boots += 1
-        booted = vmtest.Guest(results_dir=self._tmp.mktemp("vmtest"))
-        try:
-            booted.start()
-        except BaseException:
-            booted.close(timeout=0)
-            raise
-        self._current = booted
-        return booted
+        while True:
+            if self.boots >= self.MAX_BOOTS:
+                raise vmtest.VmError(
+                    f"not booting a guest again after {self.boots} boots; "
+                    + "; ".join(h.splitlines()[0] for h in HUNG_GUESTS)
+                )
+            self.boots += 1
+            booted = vmtest.Guest(results_dir=self._tmp.mktemp("vmtest"))
+            try:
+                booted.start()
+            except vmtest.GuestSetupError:
+                booted.close(timeout=0)
+                raise  # the devices are not as the layout says: booting again will not help
+            except vmtest.VmError as exc:
+                booted.close(timeout=0)
+                HUNG_GUESTS.append(f"{exc}\n(booting another guest)")
+                continue  # a boot that hung or died, like a command that did
+            except BaseException:
+                booted.close(timeout=0)
+                raise
+            self._current = booted
+            return booted
 
     def run(self, command: Sequence[str], **kwargs: Any) -> vmtest.CommandResult:
         return self._retrying(lambda g: g.run(command, **kwargs))
