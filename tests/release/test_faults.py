@@ -86,6 +86,31 @@ async def test_hung_domain_does_not_stall_the_queue(machine: MachineFactory) -> 
     assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= own_fds)
 
 
+async def test_progress_once_per_domain_even_when_one_hangs(machine: MachineFactory) -> None:
+    """Each domain gets one start and one end, the hung one's end from its timeout; when the
+    hung reset returns while another domain still runs, its worker's late end is ignored."""
+    m = machine("gpus:4")
+    session, addrs = await opened(m)
+    seen: list[tuple[str, str]] = []
+    ev = m.faults.hang_reset(addrs[0])
+    m.faults.slow_reset(addrs[-1], 10.0)  # 0.2 s at the tests' time scale
+    hung: list[str] = []
+
+    def progress(phase: str, d: Any, _devs: Any) -> None:
+        seen.append((phase, d.id))
+        if phase == "end" and d.timed_out:
+            hung.append(d.id)
+            ev.set()  # the hung reset returns now, while the slow domain still runs
+
+    # One worker: the hung domain goes first; its replacement runs the rest.
+    report = await release(session, timeout=0.3, max_parallel=1, progress=progress)
+    assert len(hung) == 1 and [d.id for d in report.domains if d.timed_out] == hung
+    assert wait_until(lambda: m.open_fds() == 0)
+    domains = [d.id for d in report.domains]
+    assert sorted(seen) == sorted([("start", d) for d in domains] + [("end", d) for d in domains])
+    assert all(seen.index(("start", d)) < seen.index(("end", d)) for d in domains)
+
+
 async def test_out_of_threads_runs_with_the_workers_it_got(
     machine: MachineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
