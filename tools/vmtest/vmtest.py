@@ -600,11 +600,6 @@ class Guest:
         return self._proc is not None and self._dead is None and self._proc.poll() is None
 
     @property
-    def death(self) -> str | None:
-        """Why the guest became unusable (a hang, QEMU's exit), or None."""
-        return self._dead
-
-    @property
     def console(self) -> str:
         with self._lock:
             return "".join(self._console)
