@@ -13,8 +13,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
+from vfiopy._log import get_logger
 from vfiopy._uapi import (
     Cap,
     Closable,
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
     from vfiopy.group import Group
     from vfiopy.iommufd import Iommufd
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _HOT_RESET_ADVICE = {
     errno.EPERM: "every device of the reset domain must be open in this process "

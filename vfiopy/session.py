@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import structlog
-
+from vfiopy._log import get_logger
 from vfiopy._uapi import Closable
 from vfiopy.container import Container
 from vfiopy.device import Device
@@ -31,7 +30,7 @@ from vfiopy.iommufd import Iommufd
 from vfiopy.kernel import Kernel, default_kernel
 from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Backend = Literal["container", "iommufd"]
 

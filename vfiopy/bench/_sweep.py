@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import structlog
-
+from vfiopy._log import get_logger
 from vfiopy.bench._modes import Mode
 from vfiopy.bench._progress import Progress
 from vfiopy.bench._results import BRINGUP, TEARDOWN, RunResult
 from vfiopy.bench._target import System, max_overlap
 
-log = structlog.get_logger("vfiopy.bench")
+log = get_logger("vfiopy.bench")
 
 SystemFactory = Callable[[int, str, str, float], System]
 """``(n_devices, kernel_model, reset_model, time_scale)`` -> a fresh system."""

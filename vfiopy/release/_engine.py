@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 
+from vfiopy._log import get_logger
 from vfiopy.release._report import DeviceResult, DomainResult, Report, Status, describe
 
-log = structlog.get_logger("vfiopy.release")
+log = get_logger("vfiopy.release")
 
 DEFAULT_MAX_PARALLEL = 4096
 """Worker threads at most (one per reset domain below it).  Each one sleeps in the kernel

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
-import structlog
 
+from vfiopy._log import get_logger
 from vfiopy.errors import VfioError
 from vfiopy.kernel import Kernel
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vfiopy.device import Device
     from vfiopy.session import Session
 
-log = structlog.get_logger("vfiopy.release")
+log = get_logger("vfiopy.release")
 
 
 class AcquireError(VfioError):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.to_thread
-import structlog
 
+from vfiopy._log import get_logger
 from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
@@ -28,7 +28,7 @@ from vfiopy.release._process import (
 )
 from vfiopy.release._report import DeviceResult, DomainResult, Report, Status
 
-log = structlog.get_logger("vfiopy.release")
+log = get_logger("vfiopy.release")
 
 
 @dataclass(slots=True)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import anyio.abc
-import structlog
 
+from vfiopy._log import get_logger
 from vfiopy.errors import AddressError
 from vfiopy.kernel import Kernel, default_kernel
 from vfiopy.logsetup import configure_cli_logging, verbosity_level
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 90.0  # a bus reset may poll up to 60 s for the device to come back
 
-log = structlog.get_logger("vfiopy.release")
+log = get_logger("vfiopy.release")
 
 
 def build_parser() -> argparse.ArgumentParser:
