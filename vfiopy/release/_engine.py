@@ -60,6 +60,10 @@ class DomainJob:
     _abandoned: bool = False
     _finished: bool = False
 
+    def results(self) -> list[DeviceResult]:
+        """Every device of the domain, in step order."""
+        return [r for s in self.steps for r in s.results]
+
 
 def _work(job: DomainJob, t0: float, event: str, logger: Any) -> None:
     domain = job.domain.id
@@ -185,9 +189,7 @@ async def run_domains(
     devices reported failed, a new worker takes its place, and the other
     domains complete.
     """
-    report = Report(
-        action, [j.domain for j in jobs], [r for j in jobs for s in j.steps for r in s.results]
-    )
+    report = Report(action, [j.domain for j in jobs], [r for j in jobs for r in j.results()])
     t0 = time.monotonic()
     queue = deque(jobs)
     mail = _Mailbox()
@@ -242,7 +244,7 @@ async def run_domains(
                     else:
                         left -= 1
                     if progress is not None:
-                        progress(phase, job.domain, [r for s in job.steps for r in s.results])
+                        progress(phase, job.domain, job.results())
                 if timeout is None:
                     continue
                 now = time.monotonic()
@@ -252,7 +254,7 @@ async def run_domains(
                     del running[id(job)]
                     left -= 1
                     if progress is not None:
-                        progress("end", job.domain, [r for s in job.steps for r in s.results])
+                        progress("end", job.domain, job.results())
                     if queue:
                         spawn()  # the hung worker keeps its thread; the queue must go on
         finally:

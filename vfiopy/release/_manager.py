@@ -234,19 +234,7 @@ async def release(
     if plan is None:
         plan = await anyio.to_thread.run_sync(_loose_plan, session.kernel, list(by_addr))
     countdown = _Countdown(len(plan.domains), session.close if close_session else _nothing)
-    jobs = []
-    for d in plan.domains:
-        steps = [
-            Step([DeviceResult(a, d.id)], _closer(session, by_addr[a]), reset_kind(d, i))
-            for i, a in enumerate(d.devices)
-        ]
-        jobs.append(
-            DomainJob(
-                DomainResult(d.id, list(d.devices), d.release_resets),
-                steps,
-                finally_fn=countdown.done,
-            )
-        )
+    jobs = _release_jobs(plan, lambda a: _closer(session, by_addr[a]), countdown.done)
     report = await run_domains(
         "release",
         jobs,
@@ -267,6 +255,25 @@ async def release(
 
 def _nothing() -> None:
     pass
+
+
+def _release_jobs(
+    plan: Plan,
+    closer: Callable[[str], Callable[[], None]],
+    finally_fn: Callable[[bool], object] | None = None,
+) -> list[DomainJob]:
+    """One job per domain closing its devices in order; the last close runs the set's reset."""
+    return [
+        DomainJob(
+            DomainResult(d.id, list(d.devices), d.release_resets),
+            [
+                Step([DeviceResult(a, d.id)], closer(a), reset_kind(d, i))
+                for i, a in enumerate(d.devices)
+            ],
+            finally_fn=finally_fn,
+        )
+        for d in plan.domains
+    ]
 
 
 def _loose_plan(kernel: Kernel, addresses: list[str]) -> Plan:
@@ -359,16 +366,9 @@ async def release_fds(
     the devices, so closing our references runs their releases here, in
     parallel across domains instead of in series in the exiting task.
     """
-    jobs = []
-    for d in plan.domains:
-        steps = [
-            Step([DeviceResult(a, d.id)], _fd_closer(kernel, fds[a]), reset_kind(d, i))
-            for i, a in enumerate(d.devices)
-        ]
-        jobs.append(DomainJob(DomainResult(d.id, list(d.devices), d.release_resets), steps))
     return await run_domains(
         "release",
-        jobs,
+        _release_jobs(plan, lambda a: _fd_closer(kernel, fds[a])),
         event="release.device",
         max_parallel=max_parallel,
         timeout=timeout,
