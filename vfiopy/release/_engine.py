@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import math
 import os
 import threading
@@ -221,6 +222,9 @@ async def run_domains(
         return True
 
     running: dict[int, DomainJob] = {}
+    # Running jobs by start time, so the next deadline and the expired ones are found
+    # without a scan of thousands of domains at every wake-up.
+    by_start: list[tuple[float, int, DomainJob]] = []
     left = len(jobs)
     with anyio.CancelScope(shield=True):
         try:
@@ -228,10 +232,11 @@ async def run_domains(
                 if not spawn():
                     break
             while left:
+                while by_start and id(by_start[0][2]) not in running:
+                    heapq.heappop(by_start)  # finished or abandoned already
                 wait = math.inf
-                if timeout is not None and running:
-                    first = min(j.started for j in running.values())
-                    wait = max(0.0, first + timeout - time.monotonic())
+                if timeout is not None and by_start:
+                    wait = max(0.0, by_start[0][0] + timeout - time.monotonic())
                 with anyio.move_on_after(wait):
                     await anyio.wait_readable(mail.fd)
                 mail.clear()
@@ -239,6 +244,7 @@ async def run_domains(
                     phase, job = mail.notes.popleft()
                     if phase == "start":
                         running[id(job)] = job
+                        heapq.heappush(by_start, (job.started, id(job), job))
                     elif running.pop(id(job), None) is None:
                         continue  # ended after it was abandoned: reported already
                     else:
@@ -248,7 +254,10 @@ async def run_domains(
                 if timeout is None:
                     continue
                 now = time.monotonic()
-                for job in [j for j in running.values() if now >= j.started + timeout]:
+                while by_start and by_start[0][0] + timeout <= now:
+                    job = heapq.heappop(by_start)[2]
+                    if id(job) not in running:
+                        continue
                     if not _abandon(job, t0, timeout):
                         continue  # it finished just now: its "end" note is on its way
                     del running[id(job)]
