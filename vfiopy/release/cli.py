@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -428,6 +428,22 @@ class _Signals:
                 self.received = s
                 scope.cancel()
 
+    def run(self, main: Callable[[], Awaitable[Report]]) -> Report:
+        """Run ``main`` on a new event loop, watching for signals meanwhile; the report
+        says whether one arrived."""
+        box: list[Report] = []
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.watch, tg.cancel_scope)
+                box.append(await main())
+                tg.cancel_scope.cancel()
+
+        anyio.run(run)
+        report = box[0]
+        report.interrupted = report.interrupted or self.received is not None
+        return report
+
 
 def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str]) -> int:
     plan = plan_for(kernel, addresses)
@@ -438,28 +454,13 @@ def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str
 
     session = Session(kernel, backend=_backend(args.backend))
     progress = _progress(args, plan)
-    box: list[Report] = []
-    signals = _Signals()
-
-    async def run() -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(signals.watch, tg.cancel_scope)
-            box.append(
-                await release_addresses(
-                    session,
-                    plan,
-                    max_parallel=args.max_parallel,
-                    timeout=args.timeout,
-                    progress=progress,
-                )
-            )
-            tg.cancel_scope.cancel()
-
-    anyio.run(run)
+    report = _Signals().run(
+        lambda: release_addresses(
+            session, plan, max_parallel=args.max_parallel, timeout=args.timeout, progress=progress
+        )
+    )
     if progress is not None:
         progress.finish()
-    report = box[0]
-    report.interrupted = signals.received is not None
     return _emit(args, report)
 
 
@@ -483,37 +484,28 @@ def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> in
             args, plan_report(takeover.plan, "release"), dry_run=True, plan_ok=not takeover.unknown
         )
     progress = _progress(args, takeover.plan)
-    box: list[Report] = []
-    signals = _Signals()
 
     def phase(p: str) -> None:
         if progress is not None and p != "release":
             sys.stderr.write(f"\r\x1b[K{p} pid {pid}...")
             sys.stderr.flush()
 
-    async def run() -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(signals.watch, tg.cancel_scope)
-            box.append(
-                await release_process(
-                    takeover,
-                    sig=sig,
-                    grace=args.grace,
-                    max_parallel=args.max_parallel,
-                    timeout=args.timeout,
-                    progress=progress,
-                    on_phase=phase,
-                )
-            )
-            tg.cancel_scope.cancel()
-
     try:
-        anyio.run(run)
+        report = _Signals().run(
+            lambda: release_process(
+                takeover,
+                sig=sig,
+                grace=args.grace,
+                max_parallel=args.max_parallel,
+                timeout=args.timeout,
+                progress=progress,
+                on_phase=phase,
+            )
+        )
     finally:
         takeover.close()
     if progress is not None:
         progress.finish()
-    report = box[0]
     for f in takeover.unknown:
         report.devices.append(
             DeviceResult(
@@ -524,5 +516,4 @@ def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> in
                 "the process's own exit released it",
             )
         )
-    report.interrupted = report.interrupted or signals.received is not None
     return _emit(args, report)
