@@ -202,6 +202,18 @@ static int vfiopy_pidfd_send_signal(int pidfd, int sig, unsigned int flags) {
     long r = syscall(424 /* __NR_pidfd_send_signal */, pidfd, sig, NULL, flags);
     return r < 0 ? -errno : 0;
 }
+/* kcmp's number differs between architectures (unlike the pidfd calls above),
+ * so it comes from <sys/syscall.h>; a libc without it reports ENOSYS like a
+ * kernel built without CONFIG_KCMP. */
+static int vfiopy_kcmp(int pid1, int pid2, int type, unsigned long idx1,
+                       unsigned long idx2) {
+#ifdef SYS_kcmp
+    long r = syscall(SYS_kcmp, pid1, pid2, type, idx1, idx2);
+    return r < 0 ? -errno : (int)r;
+#else
+    return -ENOSYS;
+#endif
+}
 """
 
 CDEF_VFIO = """
@@ -470,6 +482,7 @@ int vfiopy_munmap(uintptr_t addr, size_t len);
 int vfiopy_pidfd_open(int pid, unsigned int flags);
 int vfiopy_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 int vfiopy_pidfd_send_signal(int pidfd, int sig, unsigned int flags);
+int vfiopy_kcmp(int pid1, int pid2, int type, unsigned long idx1, unsigned long idx2);
 """
 
 ffibuilder = FFI()

@@ -26,6 +26,7 @@ O_NONBLOCK = os.O_NONBLOCK
 POLLIN = select.POLLIN
 EFD_CLOEXEC = getattr(os, "EFD_CLOEXEC", 0o2000000)
 EFD_NONBLOCK = getattr(os, "EFD_NONBLOCK", 0o4000)
+KCMP_FILE = 0  # enum kcmp_type in <linux/kcmp.h>
 
 
 @runtime_checkable
@@ -62,6 +63,16 @@ class Kernel(Protocol):
     def pidfd_open(self, pid: int, flags: int = 0) -> int: ...
     def pidfd_getfd(self, pidfd: int, targetfd: int, flags: int = 0) -> int: ...
     def pidfd_send_signal(self, pidfd: int, sig: int) -> None: ...
+    def kcmp_file(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
+        """kcmp(2) with KCMP_FILE: 0 when ``fd1`` of ``pid1`` and ``fd2`` of
+        ``pid2`` are the same open file description.
+
+        Otherwise 1 or 2 order the two files (3 when no order is available).
+        Raises EBADF for an fd that is not open, ESRCH for no such pid, EPERM
+        without ptrace-read access to either process, ENOSYS without
+        CONFIG_KCMP.
+        """
+        ...
 
     # --- sysfs, devfs and procfs paths ---------------------------------------
     def read_text(self, path: str) -> str: ...
@@ -134,6 +145,9 @@ class LinuxKernel:
     def pidfd_send_signal(self, pidfd: int, sig: int) -> None:
         _check(lib.vfiopy_pidfd_send_signal(pidfd, sig, 0))
 
+    def kcmp_file(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
+        return _check(lib.vfiopy_kcmp(pid1, pid2, KCMP_FILE, fd1, fd2))
+
     def read_text(self, path: str) -> str:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read()
@@ -185,6 +199,7 @@ def set_default_kernel(kernel: Kernel | None) -> None:
 __all__ = [
     "EFD_CLOEXEC",
     "EFD_NONBLOCK",
+    "KCMP_FILE",
     "O_CLOEXEC",
     "O_NONBLOCK",
     "O_RDONLY",

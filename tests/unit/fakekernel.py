@@ -138,6 +138,9 @@ class FakeKernel:
     def pidfd_send_signal(self, pidfd: int, sig: int) -> None:
         raise oserror(errno.ENOSYS)
 
+    def kcmp_file(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
+        raise oserror(errno.ENOSYS)
+
     def read_text(self, path: str) -> str:
         if path in self.files:
             return self.files[path]

@@ -324,6 +324,35 @@ class SimProcess:
         elif sig == signal.SIGTERM:
             threading.Thread(target=target.exit, name=f"exit-{target.pid}", daemon=True).start()
 
+    def kcmp_file(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
+        self._check(("kcmp",), None)
+        # kcmp(2) looks both tasks up first, then checks ptrace-read access to
+        # each (always granted for the caller's own process), then the fds.
+        procs = [self.machine.process(pid) for pid in (pid1, pid2)]
+        for p in procs:
+            if not p.alive:
+                raise oserror(errno.ESRCH, f"pid {p.pid} has exited")
+        for p in procs:
+            if p is not self and not p.ptraceable:
+                raise oserror(errno.EPERM, f"pid {p.pid} may not be traced")
+        if not (self.is_sim_fd(fd1) or self.is_sim_fd(fd2)):
+            # real fds (eventfds) of every simulated process live in the host's one table
+            return _HOST.kcmp_file(os.getpid(), os.getpid(), fd1, fd2)
+        keys = [p._file_key(fd) for p, fd in zip(procs, (fd1, fd2), strict=True)]
+        # Like kcmp_ptr: an order that is stable while both files stay open.
+        return int(keys[0] < keys[1]) | (int(keys[0] > keys[1]) << 1)
+
+    def _file_key(self, fd: int) -> tuple[int, int]:
+        """A sortable identity of the file behind ``fd`` (EBADF when not open)."""
+        if self.is_sim_fd(fd):
+            return (1, id(self.file_of(fd)))
+        # a real fd is never the same file as a simulated one
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise oserror(errno.EBADF, f"fd {fd}") from None
+        return (0, fd)
+
     def exit(self) -> None:
         """Release every remaining file one after another on this thread (task_work)."""
         with self._lock:
