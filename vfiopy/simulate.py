@@ -2,14 +2,22 @@
 
 ``VFIOPY_SIMULATE=gpus:8`` makes :func:`vfiopy.kernel.default_kernel` use it.
 The spec is a topology (a name, ``gpus:N``, ``vfs:N``, ``nvme:N`` or a TOML
-path), optionally followed by ``,kernel=devset|legacy``, ``,reset=pre-6.3|current``
-and ``,scale=F``; the environment variables ``VFIOPY_SIM_KERNEL_MODEL``,
+path), optionally followed by ``,version=X.Y``, ``,kernel=devset|legacy``,
+``,reset=pre-6.3|current`` and ``,scale=F``; the environment variables
+``VFIOPY_SIM_KERNEL_VERSION`` (default 6.1), ``VFIOPY_SIM_KERNEL_MODEL``,
 ``VFIOPY_SIM_RESET_MODEL`` and ``VFIOPY_SIM_TIME_SCALE`` give the defaults.
+
+The kernel version decides the kernel and reset models that are not chosen:
+``legacy`` locking before 5.0, the ``pre-6.3`` reset path before 6.3.  The
+spec's options override the environment's, and within either an explicit
+model wins over the one its version implies.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vfiopy.kernel import Kernel
@@ -18,31 +26,69 @@ if TYPE_CHECKING:
     from mock_vfio import Machine
 
 
-def parse_spec(spec: str) -> tuple[str, str, str, float]:
-    """(topology, kernel model, reset model, time scale) of a simulation spec."""
+@dataclass(frozen=True)
+class SimSpec:
+    """A simulation spec with every default applied."""
+
+    topology: str
+    kernel_model: str
+    reset_model: str
+    time_scale: float
+    kernel_version: tuple[int, int]
+
+
+def parse_spec(spec: str) -> SimSpec:
+    """The machine a simulation spec (and the VFIOPY_SIM_* environment) describes."""
+    from mock_vfio.version import (
+        DEFAULT_KERNEL_VERSION,
+        default_kernel_model,
+        default_reset_model,
+        parse_version,
+    )
+
     topo, *opts = (s.strip() for s in spec.split(","))
-    kernel = os.environ.get("VFIOPY_SIM_KERNEL_MODEL", "devset")
-    reset = os.environ.get("VFIOPY_SIM_RESET_MODEL", "pre-6.3")
-    scale = float(os.environ.get("VFIOPY_SIM_TIME_SCALE", "1.0"))
+    given: dict[str, str] = {}
     for opt in opts:
         key, _, val = opt.partition("=")
-        if key == "kernel":
-            kernel = val
-        elif key == "reset":
-            reset = val
-        elif key == "scale":
-            scale = float(val)
-        else:
+        if key not in ("version", "kernel", "reset", "scale"):
             raise ValueError(f"unknown simulation option {opt!r} in {spec!r}")
-    return topo, kernel, reset, scale
+        given[key] = val
+    env_version = os.environ.get("VFIOPY_SIM_KERNEL_VERSION")
+    try:
+        if "version" in given:
+            version = parse_version(given["version"])
+        elif env_version:
+            version = parse_version(env_version)
+        else:
+            version = DEFAULT_KERNEL_VERSION
+    except ValueError as exc:
+        where = f"spec {spec!r}" if "version" in given else "VFIOPY_SIM_KERNEL_VERSION"
+        raise ValueError(f"{exc} in {where}") from None
+    # A model the spec implies through its version beats the environment's model.
+    env: Mapping[str, str] = {} if "version" in given else os.environ
+    kernel = given.get("kernel", env.get("VFIOPY_SIM_KERNEL_MODEL"))
+    reset = given.get("reset", env.get("VFIOPY_SIM_RESET_MODEL"))
+    return SimSpec(
+        topology=topo,
+        kernel_model=default_kernel_model(version) if kernel is None else kernel,
+        reset_model=default_reset_model(version) if reset is None else reset,
+        time_scale=float(given.get("scale", os.environ.get("VFIOPY_SIM_TIME_SCALE", "1.0"))),
+        kernel_version=version,
+    )
 
 
 def simulated_kernel(spec: str) -> Kernel:
     """A new simulated machine for ``spec`` and one process in it, as a Kernel."""
     from mock_vfio import Machine, load_topology
 
-    topo, kernel, reset, scale = parse_spec(spec)
-    machine = Machine(load_topology(topo), kernel_model=kernel, reset_model=reset, time_scale=scale)
+    s = parse_spec(spec)
+    machine = Machine(
+        load_topology(s.topology),
+        kernel_model=s.kernel_model,
+        reset_model=s.reset_model,
+        time_scale=s.time_scale,
+        kernel_version=s.kernel_version,
+    )
     return machine.spawn(name="vfiopy")
 
 
@@ -55,4 +101,4 @@ def machine_of(kernel: object) -> Machine | None:
     return kernel.machine if isinstance(kernel, SimProcess) else None
 
 
-__all__ = ["machine_of", "parse_spec", "simulated_kernel"]
+__all__ = ["SimSpec", "machine_of", "parse_spec", "simulated_kernel"]

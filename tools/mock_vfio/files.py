@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mock_vfio.machine import PAGE, Device, DmaSpace, Group, Machine
 from mock_vfio.trace import oserror
+from mock_vfio.version import FDINFO_SYSPATH
 from vfiopy._uapi import (
     FEATURE_MASK,
     IRQ_SET_ACTION_TYPE_MASK,
@@ -680,6 +681,8 @@ class DeviceFile(File):
     def fdinfo(self) -> str:
         from mock_vfio.sysfs import device_syspath
 
+        if self.machine.kernel_version < FDINFO_SYSPATH:
+            return ""
         return f"vfio-device-syspath: {device_syspath(self.machine, self.dev)}\n"
 
     def device(self) -> Device | None:

@@ -48,6 +48,13 @@ from mock_vfio.topology import (
     split_addr,
 )
 from mock_vfio.trace import Counters, Event, Faults, now, oserror, thread_name
+from mock_vfio.version import (
+    DEFAULT_KERNEL_VERSION,
+    KernelVersion,
+    check_version,
+    default_kernel_model,
+    default_reset_model,
+)
 
 if TYPE_CHECKING:
     from mock_vfio.devices import DeviceModel
@@ -371,16 +378,23 @@ class Machine:
     def __init__(
         self,
         topology: Topology | str,
-        kernel_model: str = "devset",
-        reset_model: str = "pre-6.3",
+        kernel_model: str | None = None,
+        reset_model: str | None = None,
         time_scale: float = 1.0,
         *,
+        kernel_version: KernelVersion = DEFAULT_KERNEL_VERSION,
         cdev: bool = True,
         iommufd: bool = True,
         vf_own_devset: bool = True,
         bus_master_feature: bool = False,
         msix_sparse: bool = False,
     ) -> None:
+        # The models not chosen explicitly follow the modelled kernel version.
+        self.kernel_version = check_version(kernel_version)
+        if kernel_model is None:
+            kernel_model = default_kernel_model(kernel_version)
+        if reset_model is None:
+            reset_model = default_reset_model(kernel_version)
         if kernel_model not in ("devset", "legacy"):
             raise ValueError(f"kernel_model must be 'devset' or 'legacy', not {kernel_model!r}")
         if reset_model not in ("pre-6.3", "current"):

@@ -122,21 +122,22 @@ def _apply_spec_options(args: argparse.Namespace, parser: argparse.ArgumentParse
     from vfiopy.simulate import parse_spec
 
     try:
-        topology, kernel, reset, scale = parse_spec(args.simulate)
+        spec = parse_spec(args.simulate)
     except ValueError as exc:
         parser.error(str(exc))
     given = {opt.partition("=")[0].strip() for opt in args.simulate.split(",")[1:]}
-    if "kernel" in given:
-        if kernel not in KERNEL_MODELS:
-            parser.error(f"kernel={kernel}: choose from {', '.join(KERNEL_MODELS)}")
-        args.kernel_model = [kernel]
-    if "reset" in given:
-        if reset not in RESET_MODELS:
-            parser.error(f"reset={reset}: choose from {', '.join(RESET_MODELS)}")
-        args.reset_model = [reset]
+    # a version in the spec chooses the models it implies
+    if "kernel" in given or "version" in given:
+        if spec.kernel_model not in KERNEL_MODELS:
+            parser.error(f"kernel={spec.kernel_model}: choose from {', '.join(KERNEL_MODELS)}")
+        args.kernel_model = [spec.kernel_model]
+    if "reset" in given or "version" in given:
+        if spec.reset_model not in RESET_MODELS:
+            parser.error(f"reset={spec.reset_model}: choose from {', '.join(RESET_MODELS)}")
+        args.reset_model = [spec.reset_model]
     if "scale" in given:
-        args.time_scale = scale
-    args.simulate = topology
+        args.time_scale = spec.time_scale
+    args.simulate = spec.topology
 
 
 def _sweep_counts(args: argparse.Namespace, topology: str) -> list[int]:

@@ -1,0 +1,55 @@
+"""The modelled kernel version and the behaviours it decides.
+
+A machine models one ``(major, minor)`` Linux version.  The version gives the
+defaults of the coarser models (device-set locking, reset path) and gates the
+behaviours that appeared in a known release.
+"""
+
+from __future__ import annotations
+
+import re
+
+KernelVersion = tuple[int, int]
+
+# Debian 12's kernel.
+DEFAULT_KERNEL_VERSION: KernelVersion = (6, 1)
+
+# vfio-pci's per-device-set locking replaced the global driver_lock.
+DEVSET_LOCKING = (5, 0)
+# The reset path stopped taking every device set's lock at once.
+CURRENT_RESET = (6, 3)
+# vfio_device_show_fdinfo: ``vfio-device-syspath:`` in a device file's fdinfo.
+FDINFO_SYSPATH = (6, 18)
+
+_VERSION = re.compile(r"(\d+)\.(\d+)")
+
+
+def parse_version(text: str) -> KernelVersion:
+    """``"6.1"`` -> ``(6, 1)``; ValueError for anything but MAJOR.MINOR."""
+    m = _VERSION.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"kernel version {text!r} is not MAJOR.MINOR (such as 6.1)")
+    return int(m[1]), int(m[2])
+
+
+def check_version(version: KernelVersion) -> KernelVersion:
+    """``version`` itself when it is two non-negative ints, else ValueError."""
+    if (
+        not isinstance(version, tuple)
+        or len(version) != 2
+        or not all(isinstance(v, int) and v >= 0 for v in version)
+    ):
+        raise ValueError(f"kernel_version must be (major, minor), not {version!r}")
+    return version
+
+
+def default_kernel_model(version: KernelVersion) -> str:
+    return "devset" if version >= DEVSET_LOCKING else "legacy"
+
+
+def default_reset_model(version: KernelVersion) -> str:
+    return "current" if version >= CURRENT_RESET else "pre-6.3"
+
+
+def format_version(version: KernelVersion) -> str:
+    return f"{version[0]}.{version[1]}"
