@@ -13,6 +13,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._log import get_logger
 from vfiopy._uapi import (
     Cap,
@@ -109,6 +110,9 @@ class Device(Closable):
         self._regions: dict[int, Region] = {}
         self._irqs: dict[int, Irq] = {}
         self._config: ConfigSpace | None = None
+        # Shared with the regions and interrupts: after close, none of them may
+        # use the fd number, which the next open (another device) may get.
+        self._guard = FdGuard(fd, self.name)
         self.closed = False
         s = ioctl_info(
             kernel,
@@ -190,16 +194,14 @@ class Device(Closable):
             raise
 
     # --- regions, interrupts, config -------------------------------------------
-    def _check_open(self) -> None:
-        if self.closed:
-            raise DeviceInfoError(errno.EBADF, self.name, detail="the device is closed")
-
     def region(self, index: int) -> Region:
         """Region ``index`` (see :class:`vfiopy._uapi.PciRegion`), queried once."""
-        self._check_open()
-        r = self._regions.get(index)
-        if r is None:
-            r = self._regions[index] = Region(self.kernel, self.fd, self.name, index)
+        # Held across the query and the caching, so close finds every region.
+        with self._guard.hold(DeviceInfoError, f"region {index}"):
+            r = self._regions.get(index)
+            if r is None:
+                r = Region(self.kernel, self.fd, self.name, index, self._guard)
+                self._regions[index] = r
         return r
 
     def regions(self) -> list[Region]:
@@ -216,10 +218,11 @@ class Device(Closable):
 
     def irq(self, index: int) -> Irq:
         """Interrupt index ``index`` (see :class:`vfiopy._uapi.PciIrq`), queried once."""
-        self._check_open()
-        i = self._irqs.get(index)
-        if i is None:
-            i = self._irqs[index] = Irq(self.kernel, self.fd, self.name, index)
+        with self._guard.hold(DeviceInfoError, f"irq {index}"):
+            i = self._irqs.get(index)
+            if i is None:
+                i = Irq(self.kernel, self.fd, self.name, index, self._guard)
+                self._irqs[index] = i
         return i
 
     @property
@@ -231,38 +234,38 @@ class Device(Closable):
     # --- resets -----------------------------------------------------------------------
     def reset(self) -> None:
         """Function reset (VFIO_DEVICE_RESET): FLR, PM or another per-function method."""
-        self._check_open()
         advice = None
         if not self.info.flags & DeviceFlag.RESET:
             advice = "the device has no function reset; use hot_reset() (slot or bus reset)"
-        ioctl(
-            self.kernel,
-            self.fd,
-            "VFIO_DEVICE_RESET",
-            0,
-            error=ResetError,
-            device=self.name,
-            advice=advice,
-        )
+        with self._guard.hold(ResetError) as fd:
+            ioctl(
+                self.kernel,
+                fd,
+                "VFIO_DEVICE_RESET",
+                0,
+                error=ResetError,
+                device=self.name,
+                advice=advice,
+            )
 
     def hot_reset_info(self) -> list[DependentDevice]:
         """The devices a slot or bus reset of this device would reset too."""
-        self._check_open()
         item = ffi.sizeof("struct vfio_pci_dependent_device")
         base = ffi.sizeof("struct vfio_pci_hot_reset_info")
         room = 8
         for _ in range(8):  # the set only grows if devices appear in between
             s = Struct("struct vfio_pci_hot_reset_info", base + room * item)
             try:
-                ioctl(
-                    self.kernel,
-                    self.fd,
-                    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
-                    s.p,
-                    error=HotResetError,
-                    device=self.name,
-                    advice=_HOT_RESET_ADVICE,
-                )
+                with self._guard.hold(HotResetError, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO") as fd:
+                    ioctl(
+                        self.kernel,
+                        fd,
+                        "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+                        s.p,
+                        error=HotResetError,
+                        device=self.name,
+                        advice=_HOT_RESET_ADVICE,
+                    )
             except HotResetError as exc:
                 # ENOSPC: the array is too small and count says how many exist.
                 if exc.errno == errno.ENOSPC and s.p.count > room:
@@ -299,7 +302,6 @@ class Device(Closable):
         group (``groups``, default: its own); a cdev device uses the
         zero-length form, where the kernel checks the iommufd's ownership.
         """
-        self._check_open()
         if groups is not None:
             fds = [g.fd for g in groups]
         elif self.group is not None:
@@ -313,15 +315,16 @@ class Device(Closable):
         for i, fd in enumerate(fds):
             s.p.group_fds[i] = fd
         try:
-            ioctl(
-                self.kernel,
-                self.fd,
-                "VFIO_DEVICE_PCI_HOT_RESET",
-                s.p,
-                error=HotResetError,
-                device=self.name,
-                advice=_HOT_RESET_ADVICE,
-            )
+            with self._guard.hold(HotResetError) as fd:
+                ioctl(
+                    self.kernel,
+                    fd,
+                    "VFIO_DEVICE_PCI_HOT_RESET",
+                    s.p,
+                    error=HotResetError,
+                    device=self.name,
+                    advice=_HOT_RESET_ADVICE,
+                )
         except HotResetError as exc:
             if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
                 exc.detail = self._dependents_text()
@@ -342,22 +345,22 @@ class Device(Closable):
 
     # --- features -----------------------------------------------------------------------
     def _feature(self, flags: int, data: bytes, step: str) -> Struct:
-        self._check_open()
         s = Struct(
             "struct vfio_device_feature", ffi.sizeof("struct vfio_device_feature") + len(data)
         )
         s.p.flags = flags
         if data:
             ffi.memmove(s.p.data, data, len(data))
-        ioctl(
-            self.kernel,
-            self.fd,
-            "VFIO_DEVICE_FEATURE",
-            s.p,
-            error=FeatureError,
-            device=self.name,
-            detail=step,
-        )
+        with self._guard.hold(FeatureError, step) as fd:
+            ioctl(
+                self.kernel,
+                fd,
+                "VFIO_DEVICE_FEATURE",
+                s.p,
+                error=FeatureError,
+                device=self.name,
+                detail=step,
+            )
         return s
 
     def feature_probe(self, feature: int, *, get: bool = False, put: bool = False) -> bool:
@@ -387,15 +390,19 @@ class Device(Closable):
 
         Unmapping or disabling can fail on a removed device; that is logged
         and the fd is closed regardless, since the kernel cleans up both at
-        release.
+        release.  Calls in flight on other threads finish first; later ones,
+        on this object or anything derived from it, raise EBADF.
         """
-        if self.closed:
+        if not self._guard.shut():
             return
         self.closed = True
         parts: list[Region | Irq] = [*self._regions.values(), *self._irqs.values()]
         for obj in parts:
             try:
-                obj.close()
+                if isinstance(obj, Irq):
+                    obj.shutdown()
+                else:
+                    obj.close()
             except OSError as exc:
                 log.warning(
                     "device.close_step_failed",

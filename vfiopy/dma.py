@@ -189,23 +189,29 @@ class DmaBuffer(Closable):
         self._mem: Any = ffi.buffer(ffi.cast("char *", self.vaddr), self.size)
         self.closed = False
 
-    def _check(self, off: int, n: int) -> None:
+    def _check(self, off: int, n: int, step: str) -> None:
         if self.closed:
-            raise ValueError("DMA buffer is closed")
+            raise DmaMapError(
+                errno.EBADF,
+                None,
+                step,
+                detail=f"the DMA buffer at IOVA {self.iova:#x} is closed",
+                advice="the buffer was freed; allocate a new one",
+            )
         if off < 0 or n < 0 or off + n > self.size:
             raise ValueError(f"[{off:#x}, +{n:#x}) lies outside a {self.size:#x}-byte buffer")
 
     def read(self, off: int, n: int) -> bytes:
-        self._check(off, n)
+        self._check(off, n, "read DMA buffer")
         return bytes(self._mem[off : off + n])
 
     def write(self, off: int, data: bytes) -> None:
-        self._check(off, len(data))
+        self._check(off, len(data), "write DMA buffer")
         self._mem[off : off + len(data)] = data
 
     def view(self) -> memoryview:
         """A writable view of the whole buffer; do not use it after :meth:`close`."""
-        self._check(0, 0)
+        self._check(0, 0, "view DMA buffer")
         return memoryview(self._mem)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import sys
 
 import anyio
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._uapi import Closable, IrqInfoFlag, IrqSetFlag, Struct, ffi, ioctl
 from vfiopy.errors import DeviceInfoError, IrqError, raise_as
 from vfiopy.kernel import EFD_NONBLOCK, Kernel
@@ -23,24 +24,33 @@ _IRQ_ADVICE = {
 
 
 class Irq(Closable):
-    """One interrupt index of a device, as VFIO_DEVICE_GET_IRQ_INFO describes it."""
+    """One interrupt index of a device, as VFIO_DEVICE_GET_IRQ_INFO describes it.
 
-    def __init__(self, kernel: Kernel, fd: int, device: str, index: int) -> None:
+    ``guard`` is the device's: once the device is closed, every call raises
+    EBADF instead of reaching whatever file reused the fd number.
+    """
+
+    def __init__(
+        self, kernel: Kernel, fd: int, device: str, index: int, guard: FdGuard | None = None
+    ) -> None:
         self.kernel = kernel
         self.fd = fd
         self.device = device
         self.index = index
+        self._guard = guard if guard is not None else FdGuard(fd, device)
         s = Struct("struct vfio_irq_info")
         s.p.index = index
-        ioctl(
-            kernel,
-            fd,
-            "VFIO_DEVICE_GET_IRQ_INFO",
-            s.p,
-            error=DeviceInfoError,
-            device=device,
-            detail=f"irq index {index}",
-        )
+        step = "VFIO_DEVICE_GET_IRQ_INFO"
+        with self._guard.hold(DeviceInfoError, step) as held:
+            ioctl(
+                kernel,
+                held,
+                step,
+                s.p,
+                error=DeviceInfoError,
+                device=device,
+                detail=f"irq index {index}",
+            )
         self.flags = IrqInfoFlag(int(s.p.flags))
         self.count = int(s.p.count)
         self.eventfds: list[int] = []
@@ -50,6 +60,12 @@ class Irq(Closable):
         return bool(self.eventfds)
 
     def _set(self, flags: int, start: int, count: int, fds: list[int] | None = None) -> None:
+        with self._guard.hold(IrqError) as fd:
+            self._set_on(fd, flags, start, count, fds)
+
+    def _set_on(
+        self, device_fd: int, flags: int, start: int, count: int, fds: list[int] | None = None
+    ) -> None:
         data = 4 * len(fds) if fds else 0
         s = Struct("struct vfio_irq_set", ffi.sizeof("struct vfio_irq_set") + data)
         s.p.flags, s.p.index, s.p.start, s.p.count = flags, self.index, start, count
@@ -59,7 +75,7 @@ class Irq(Closable):
                 arr[i] = fd
         ioctl(
             self.kernel,
-            self.fd,
+            device_fd,
             "VFIO_DEVICE_SET_IRQS",
             s.p,
             error=IrqError,
@@ -123,6 +139,8 @@ class Irq(Closable):
         self._set(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, vector, 1)
 
     def _eventfd(self, vector: int) -> int:
+        if self._guard.closed:
+            raise self._guard.closed_error(IrqError, "wait")
         if not 0 <= vector < len(self.eventfds):
             raise IrqError(
                 errno.EINVAL,
@@ -158,6 +176,17 @@ class Irq(Closable):
         """Disable the interrupt if this object enabled it. Idempotent."""
         if self.eventfds:
             self.disable()
+
+    def shutdown(self) -> None:
+        """Disable on the device's closing fd (the guard refuses uses by now)."""
+        fds, self.eventfds = self.eventfds, []
+        if not fds:
+            return
+        try:
+            self._set_on(self._guard.fd, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, 0)
+        finally:
+            for fd in fds:
+                self.kernel.close(fd)
 
     def __repr__(self) -> str:
         return f"Irq(index={self.index}, count={self.count}, flags={self.flags!r})"

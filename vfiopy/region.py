@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._uapi import (
     MAP_SHARED,
     PROT_READ,
@@ -42,27 +43,36 @@ class Area:
 
 
 class Region:
-    """One region of a device, as VFIO_DEVICE_GET_REGION_INFO describes it."""
+    """One region of a device, as VFIO_DEVICE_GET_REGION_INFO describes it.
 
-    def __init__(self, kernel: Kernel, fd: int, device: str, index: int) -> None:
+    ``guard`` is the device's: once the device is closed, every access raises
+    EBADF instead of reaching whatever file reused the fd number.
+    """
+
+    def __init__(
+        self, kernel: Kernel, fd: int, device: str, index: int, guard: FdGuard | None = None
+    ) -> None:
         self.kernel = kernel
         self.fd = fd
         self.device = device
         self.index = index
+        self._guard = guard if guard is not None else FdGuard(fd, device)
 
         def fill(p: Any) -> None:
             p.index = index
 
-        s = ioctl_info(
-            kernel,
-            fd,
-            "VFIO_DEVICE_GET_REGION_INFO",
-            "struct vfio_region_info",
-            error=DeviceInfoError,
-            device=device,
-            detail=f"region {index}",
-            fill=fill,
-        )
+        step = "VFIO_DEVICE_GET_REGION_INFO"
+        with self._guard.hold(DeviceInfoError, step) as held:
+            s = ioctl_info(
+                kernel,
+                held,
+                step,
+                "struct vfio_region_info",
+                error=DeviceInfoError,
+                device=device,
+                detail=f"region {index}",
+                fill=fill,
+            )
         self.flags = RegionFlag(int(s.p.flags))
         self.size = int(s.p.size)
         self.offset = int(s.p.offset)
@@ -110,8 +120,11 @@ class Region:
     def read(self, off: int, n: int) -> bytes:
         """Read ``n`` bytes at region offset ``off`` with pread."""
         self._check(off, n, "pread")
-        with raise_as(RegionError, self.device, "pread", f"region {self.index} offset {off:#x}"):
-            data = self.kernel.pread(self.fd, n, self.offset + off)
+        with (
+            self._guard.hold(RegionError, "pread") as fd,
+            raise_as(RegionError, self.device, "pread", f"region {self.index} offset {off:#x}"),
+        ):
+            data = self.kernel.pread(fd, n, self.offset + off)
         if len(data) != n:
             raise RegionError(
                 errno.EIO,
@@ -124,8 +137,11 @@ class Region:
     def write(self, off: int, data: bytes) -> None:
         """Write ``data`` at region offset ``off`` with pwrite."""
         self._check(off, len(data), "pwrite")
-        with raise_as(RegionError, self.device, "pwrite", f"region {self.index} offset {off:#x}"):
-            done = self.kernel.pwrite(self.fd, bytes(data), self.offset + off)
+        with (
+            self._guard.hold(RegionError, "pwrite") as fd,
+            raise_as(RegionError, self.device, "pwrite", f"region {self.index} offset {off:#x}"),
+        ):
+            done = self.kernel.pwrite(fd, bytes(data), self.offset + off)
         if done != len(data):
             raise RegionError(
                 errno.EIO,
@@ -160,8 +176,11 @@ class Region:
             raise RegionError(
                 errno.EINVAL, self.device, "mmap", detail=f"region {self.index} has no area {area}"
             )
-        m = Mapping(self, areas[area])
-        self.mappings.append(m)
+        # Listed before the use ends, so the device's close, which waits for
+        # it, finds the mapping and unmaps it before closing the fd.
+        with self._guard.hold(RegionError, "mmap"):
+            m = Mapping(self, areas[area])
+            self.mappings.append(m)
         return m
 
     def mmap_all(self) -> list[Mapping]:
@@ -267,15 +286,14 @@ class Mapping(Closable):
         return self._end <= self._lo
 
     def _bad(self, off: int, width: int) -> RegionError:
+        step = f"mmio access region {self.region.index}"
         if self.closed:
-            detail = "the mapping is closed"
-        elif off % width:
+            return RegionError(errno.EBADF, self.region.device, step, "the mapping is closed")
+        if off % width:
             detail = f"offset {off:#x} is not {width}-byte aligned"
         else:
             detail = f"offset {off:#x} (+{width}) is outside [{self.offset:#x}, +{self.size:#x})"
-        return RegionError(
-            errno.EINVAL, self.region.device, f"mmio access region {self.region.index}", detail
-        )
+        return RegionError(errno.EINVAL, self.region.device, step, detail)
 
     def read8(self, off: int) -> int:
         if not self._lo <= off <= self._hi8:

@@ -94,8 +94,9 @@ def test_dma_buffer_on_real_anonymous_memory() -> None:
         with pytest.raises(ValueError):
             buf.read(12280, 100)
     assert space.maps == {} and alloc.free_ranges[0].start == 4096
-    with pytest.raises(ValueError):
+    with pytest.raises(DmaMapError) as info:
         buf.read(0, 1)
+    assert info.value.errno == errno.EBADF
     buf.close()  # idempotent
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -37,20 +36,6 @@ except ImportError:  # the simulator package exports these once it is complete
 GPU0 = "0000:03:00.0"
 AUDIO0 = "0000:03:00.1"
 GPU1 = "0000:04:00.0"
-
-
-@pytest.fixture
-def machine() -> Iterator[Any]:
-    m = Machine(load_topology("gpus:2"), time_scale=0.001)
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
-def k(machine: Any) -> Any:
-    return machine.spawn("test")
 
 
 def _sim_fds(k: Any) -> list[int]:
