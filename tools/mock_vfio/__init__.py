@@ -1,8 +1,9 @@
 """mock_vfio: a simulator of the kernel's VFIO side implementing ``vfiopy.kernel.Kernel``.
 
-from mock_vfio import Machine, load_topology
+from mock_vfio import Machine, load_topology, spawn_qemu
 m = Machine(load_topology("gpus:8"), kernel_model="devset", reset_model="pre-6.3")
 p = m.spawn(name="vmm")          # a Kernel for one simulated process
+q = spawn_qemu(m, ["0000:01:00.0"])  # a process holding a device as QEMU would
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mock_vfio.topology import load_topology as load_topology
 from mock_vfio.topology import parse_toml as parse_toml
 from mock_vfio.trace import Event as Event
 from mock_vfio.trace import Faults as Faults
+from mock_vfio.vmm import spawn_qemu as spawn_qemu
 
 __all__ = [
     "SIM_FD_BASE",
@@ -31,4 +33,5 @@ __all__ = [
     "available",
     "load_topology",
     "parse_toml",
+    "spawn_qemu",
 ]

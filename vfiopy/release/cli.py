@@ -249,23 +249,17 @@ def _simulator(args: argparse.Namespace) -> _Sim:
 
 
 def _spawn_vmm(sim: _Sim, addresses: list[str], backend: str) -> int:
-    """A simulated VMM process that opened ``addresses`` (all vfio-pci devices when empty)."""
-    from vfiopy.release._manager import acquire
-    from vfiopy.session import Session
+    """A simulated QEMU that opened ``addresses`` (all vfio-pci devices when empty)."""
+    from mock_vfio import spawn_qemu
+
     from vfiopy.sysfs import VFIO_DRIVER, Sysfs
 
-    vmm = sim.machine.spawn(name="vmm")
     if not addresses:
-        sysfs = Sysfs(vmm)
+        sysfs = Sysfs(sim.kernel)
         addresses = [str(a) for a in sysfs.devices() if sysfs.driver(a) == VFIO_DRIVER]
-    session = Session(vmm, backend=_backend(backend))
-    anyio.run(_acquire_quietly, acquire, session, addresses)
-    sim.vmm = (vmm, session)
+    vmm = spawn_qemu(sim.machine, addresses, backend=_backend(backend))
+    sim.vmm = (vmm, addresses)
     return int(vmm.getpid())
-
-
-async def _acquire_quietly(acquire: Any, session: Any, addresses: list[str]) -> None:
-    await acquire(session, addresses)
 
 
 def _sim_summary(sim: _Sim, since: float) -> list[str]:
@@ -333,7 +327,7 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
             assert sim is not None
             pid = _spawn_vmm(sim, addresses, args.backend)
             if not args.quiet:
-                err.write(f"simulated VMM: pid {pid} holds {len(sim.vmm[1].devices)} devices\n")
+                err.write(f"simulated VMM: pid {pid} holds {len(sim.vmm[1])} devices\n")
         since = time.monotonic()
         if pid is not None:
             code = _run_pid(args, kernel, pid, sig)
