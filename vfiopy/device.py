@@ -86,6 +86,57 @@ class DependentDevice:
     owned: bool | None = None
 
 
+def hot_reset_info(kernel: Kernel, fd: int, name: str) -> list[DependentDevice]:
+    """VFIO_DEVICE_GET_PCI_HOT_RESET_INFO on the device fd ``fd`` (``name`` for errors).
+
+    Read-only: it asks which devices a slot or bus reset would hit, without
+    resetting, so it also names the reset set of a device fd of unknown origin.
+    """
+    item = ffi.sizeof("struct vfio_pci_dependent_device")
+    base = ffi.sizeof("struct vfio_pci_hot_reset_info")
+    room = 8
+    for _ in range(8):  # the set only grows if devices appear in between
+        s = Struct("struct vfio_pci_hot_reset_info", base + room * item)
+        try:
+            ioctl(
+                kernel,
+                fd,
+                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+                s.p,
+                error=HotResetError,
+                device=name,
+                advice=_HOT_RESET_ADVICE,
+            )
+        except HotResetError as exc:
+            # ENOSPC: the array is too small and count says how many exist.
+            if exc.errno == errno.ENOSPC and s.p.count > room:
+                room = int(s.p.count)
+                continue
+            raise
+        by_devid = bool(s.p.flags & HotResetFlag.DEV_ID)
+        out = []
+        for i in range(min(int(s.p.count), room)):
+            d = s.p.devices[i]
+            addr = PciAddress.from_devfn(int(d.segment), int(d.bus), int(d.devfn))
+            if not by_devid:
+                out.append(DependentDevice(addr, group_id=int(d.group_id)))
+                continue
+            devid = int(ffi.cast("int32_t", d.group_id))  # the union's signed devid
+            if devid == lib.VFIO_PCI_DEVID_NOT_OWNED:
+                out.append(DependentDevice(addr, owned=False))
+            elif devid == lib.VFIO_PCI_DEVID_OWNED:
+                out.append(DependentDevice(addr, owned=True))
+            else:
+                out.append(DependentDevice(addr, devid=int(d.group_id), owned=True))
+        return out
+    raise HotResetError(
+        errno.ENOSPC,
+        name,
+        "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+        detail="the device count kept growing",
+    )
+
+
 class Device(Closable):
     """An open VFIO device. Build with :meth:`from_group` or :meth:`from_cdev`."""
 
@@ -250,50 +301,8 @@ class Device(Closable):
 
     def hot_reset_info(self) -> list[DependentDevice]:
         """The devices a slot or bus reset of this device would reset too."""
-        item = ffi.sizeof("struct vfio_pci_dependent_device")
-        base = ffi.sizeof("struct vfio_pci_hot_reset_info")
-        room = 8
-        for _ in range(8):  # the set only grows if devices appear in between
-            s = Struct("struct vfio_pci_hot_reset_info", base + room * item)
-            try:
-                with self._guard.hold(HotResetError, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO") as fd:
-                    ioctl(
-                        self.kernel,
-                        fd,
-                        "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
-                        s.p,
-                        error=HotResetError,
-                        device=self.name,
-                        advice=_HOT_RESET_ADVICE,
-                    )
-            except HotResetError as exc:
-                # ENOSPC: the array is too small and count says how many exist.
-                if exc.errno == errno.ENOSPC and s.p.count > room:
-                    room = int(s.p.count)
-                    continue
-                raise
-            by_devid = bool(s.p.flags & HotResetFlag.DEV_ID)
-            out = []
-            for i in range(min(int(s.p.count), room)):
-                d = s.p.devices[i]
-                addr = PciAddress.from_devfn(int(d.segment), int(d.bus), int(d.devfn))
-                if not by_devid:
-                    out.append(DependentDevice(addr, group_id=int(d.group_id)))
-                    continue
-                devid = int(ffi.cast("int32_t", d.group_id))  # the union's signed devid
-                if devid == lib.VFIO_PCI_DEVID_NOT_OWNED:
-                    out.append(DependentDevice(addr, owned=False))
-                elif devid == lib.VFIO_PCI_DEVID_OWNED:
-                    out.append(DependentDevice(addr, owned=True))
-                else:
-                    out.append(DependentDevice(addr, devid=int(d.group_id), owned=True))
-            return out
-        raise HotResetError(
-            errno.ENOSPC,
-            self.name,
-            "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
-            detail="the device count kept growing",
-        )
+        with self._guard.hold(HotResetError, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO") as fd:
+            return hot_reset_info(self.kernel, fd, self.name)
 
     def hot_reset(self, groups: list[Group] | None = None) -> None:
         """Slot or bus reset of this device and every device that shares it.

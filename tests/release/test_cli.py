@@ -40,11 +40,13 @@ def check_schema(doc: dict[str, Any]) -> None:
     assert doc["schema"] == 1 and isinstance(doc["ok"], bool)
     assert isinstance(doc["elapsed_s"], float)
     for d in doc["domains"]:
-        assert set(d) == {"id", "devices", "resets"}
+        assert {"id", "devices", "resets"} <= set(d) <= {"id", "devices", "resets", "also_reset"}
         assert isinstance(d["id"], str) and all(isinstance(a, str) for a in d["devices"])
         assert d["resets"] is None or isinstance(d["resets"], int)
     for r in doc["devices"]:
-        assert set(r) == {"address", "domain", "status", "error", "start_s", "end_s"}
+        base = {"address", "domain", "status", "error", "start_s", "end_s"}
+        # A file taken from a process (--pid) also says how it was identified.
+        assert set(r) in (base, base | {"fds", "identified_by", "candidates"})
         assert r["status"] in ("released", "failed", "skipped")
         assert r["error"] is None or isinstance(r["error"], str)
         assert isinstance(r["start_s"], float) and isinstance(r["end_s"], float)

@@ -20,6 +20,7 @@ from mock_vfio.topology import parse_toml as parse_toml
 from mock_vfio.trace import Event as Event
 from mock_vfio.trace import Faults as Faults
 from mock_vfio.vmm import spawn_qemu as spawn_qemu
+from mock_vfio.vmm import unplug_qemu as unplug_qemu
 
 __all__ = [
     "SIM_FD_BASE",
@@ -34,4 +35,5 @@ __all__ = [
     "load_topology",
     "parse_toml",
     "spawn_qemu",
+    "unplug_qemu",
 ]

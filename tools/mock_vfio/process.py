@@ -16,7 +16,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mock_vfio.files import (
     ContainerFile,
@@ -250,6 +250,13 @@ class SimProcess:
         if hit is None:
             return  # like munmap(2): unmapping nothing is not an error
         _put(self.machine, hit[2], self.pid)
+
+    def unmap_file(self, which: Callable[[File], bool]) -> None:
+        """munmap every mapping of the files ``which`` selects (a VMM dropping a device)."""
+        with self._lock:
+            hits = [(a, n) for a, n, f in self._maps if which(f)]
+        for a, n in hits:
+            self.munmap(a, n)
 
     def drop_mappings(self) -> None:
         """Forget mappings without releasing (Machine.close)."""

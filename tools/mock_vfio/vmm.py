@@ -17,7 +17,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from mock_vfio.machine import PAGE, Machine
+from mock_vfio.files import File
+from mock_vfio.machine import PAGE, Device, Machine
 from mock_vfio.process import SimProcess
 from mock_vfio.trace import oserror
 from vfiopy._uapi import (
@@ -54,11 +55,14 @@ def spawn_qemu(
     backend: Backend = "container",
     dup_device_fds: Iterable[str] = (),
     name: str = "qemu-system-x86_64",
+    process: SimProcess | None = None,
 ) -> SimProcess:
     """A new process that opened ``addresses`` as QEMU does and keeps every fd open.
 
     For each address in ``dup_device_fds`` the process also holds a second fd
     for the same device file, as when a management layer passed the fd in.
+    With ``process`` (a VMM made here) the devices are hot-plugged into it:
+    its container, groups or iommufd are reused.
     A failing step ends the process (releasing what it opened) and raises.
     """
     dups = set(dup_device_fds)
@@ -67,7 +71,7 @@ def spawn_qemu(
         raise ValueError(f"dup_device_fds names devices not opened: {sorted(unknown)}")
     if backend not in ("container", "iommufd"):
         raise ValueError(f"backend must be 'container' or 'iommufd', not {backend!r}")
-    p = machine.spawn(name=name)
+    p = machine.spawn(name=name) if process is None else process
     try:
         if addresses:
             opened = (_container if backend == "container" else _iommufd)(p, list(addresses))
@@ -76,7 +80,8 @@ def spawn_qemu(
                 if addr in dups:
                     p.dup(fd)
     except BaseException:
-        p.exit()
+        if process is None:
+            p.exit()
         raise
     return p
 
@@ -86,11 +91,19 @@ def spawn_qemu(
 
 def _container(p: SimProcess, addresses: list[str]) -> list[tuple[str, int]]:
     """vfio_connect_container + vfio_get_device: one container, a file per group."""
-    c = p.open("/dev/vfio/vfio", O_RDWR)
-    if p.ioctl(c, Ioctl.GET_API_VERSION) != lib.VFIO_API_VERSION:
-        raise oserror(errno.EINVAL, "VFIO API version mismatch")
+    held = _held(p)
+    c = held.get("/dev/vfio/vfio")
+    if c is None:
+        c = p.open("/dev/vfio/vfio", O_RDWR)
+        if p.ioctl(c, Ioctl.GET_API_VERSION) != lib.VFIO_API_VERSION:
+            raise oserror(errno.EINVAL, "VFIO API version mismatch")
     v2 = p.ioctl(c, Ioctl.CHECK_EXTENSION, Extension.TYPE1v2_IOMMU)
-    groups: dict[int, int] = {}
+    groups = {
+        int(link.rsplit("/", 1)[1]): fd
+        for link, fd in held.items()
+        if link.startswith("/dev/vfio/") and link.rsplit("/", 1)[1].isdigit()
+    }
+    iommu_set = bool(groups)
     opened: list[tuple[str, int]] = []
     for addr in addresses:
         gid = int(p.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group").rsplit("/", 1)[1])
@@ -101,8 +114,9 @@ def _container(p: SimProcess, addresses: list[str]) -> list[tuple[str, int]]:
             if not status.p.flags & GroupFlag.VIABLE:
                 raise oserror(errno.EPERM, f"group {gid} is not viable")
             p.ioctl(g, Ioctl.GROUP_SET_CONTAINER, ffi.new("int *", c))
-            if not groups:
+            if not iommu_set:
                 # the IOMMU is set, and guest RAM mapped, once the first group is in
+                iommu_set = True
                 p.ioctl(c, Ioctl.SET_IOMMU, IommuType.TYPE1v2 if v2 else IommuType.TYPE1)
                 dma = Struct("struct vfio_iommu_type1_dma_map")
                 dma.p.flags = lib.VFIO_DMA_MAP_FLAG_READ | lib.VFIO_DMA_MAP_FLAG_WRITE
@@ -116,6 +130,8 @@ def _container(p: SimProcess, addresses: list[str]) -> list[tuple[str, int]]:
 
 def _iommufd(p: SimProcess, addresses: list[str]) -> list[tuple[str, int]]:
     """The iommufd backend: /dev/iommu, one IOAS, a bound and attached cdev per device."""
+    if "/dev/iommu" in _held(p):
+        raise ValueError("hot-plug into an iommufd VMM is not modelled")
     ictx = p.open("/dev/iommu", O_RDWR)
     ioas = Struct("struct iommu_ioas_alloc")
     p.ioctl(ictx, Ioctl.IOMMUFD_IOAS_ALLOC, ioas.p)
@@ -141,6 +157,35 @@ def _iommufd(p: SimProcess, addresses: list[str]) -> list[tuple[str, int]]:
             p.ioctl(ictx, Ioctl.IOMMUFD_IOAS_MAP, dma.p)
         opened.append((addr, fd))
     return opened
+
+
+def _held(p: SimProcess) -> dict[str, int]:
+    """Link -> fd of the container, groups and iommufd ``p`` holds already."""
+    return {f.link(): fd for fd, f in sorted(p.fd_table().items()) if f.kind != "device"}
+
+
+def unplug_qemu(p: SimProcess, address: str) -> None:
+    """What QEMU does on a completed ``device_del``: unmap the device's BARs, close its
+    device fds, and close its group when no other device of the group is held."""
+    table = p.fd_table()
+    files = {id(f) for f in table.values() if _device_of(f, address)}
+    if not files:
+        raise ValueError(f"{address} is not held by pid {p.getpid()}")
+    group = p.machine.device(address).group_id
+    p.unmap_file(lambda f: id(f) in files)
+    for fd, f in table.items():
+        if id(f) in files:
+            p.close(fd)
+    others = [d for d in map(_device_of, p.fd_table().values()) if d and d.group_id == group]
+    for fd, f in table.items():
+        if not others and f.link() == f"/dev/vfio/{group}":
+            p.close(fd)
+
+
+def _device_of(f: File, address: str | None = None) -> Device | None:
+    """The device of a device file (``address``'s only, when given), else None."""
+    dev = f.device() if f.kind == "device" else None
+    return dev if dev is not None and address in (None, dev.addr) else None
 
 
 def _guest_ram(p: SimProcess) -> int:

@@ -31,9 +31,14 @@ class DeviceResult:
     errno: int | None = None
     start_s: float = 0.0
     end_s: float = 0.0
+    # For a file taken from a process (--pid): its fd numbers there, how it was
+    # identified, and, while it is not, the devices it may be.
+    fds: list[int] | None = None
+    identified_by: str | None = None
+    candidates: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "address": self.address,
             "domain": self.domain,
             "status": str(self.status),
@@ -41,6 +46,11 @@ class DeviceResult:
             "start_s": round(self.start_s, 6),
             "end_s": round(self.end_s, 6),
         }
+        if self.fds is not None:
+            out["fds"] = list(self.fds)
+            out["identified_by"] = self.identified_by
+            out["candidates"] = list(self.candidates or [])
+        return out
 
 
 @dataclass(slots=True)
@@ -55,9 +65,34 @@ class DomainResult:
     devices: list[str]
     resets: int | None
     timed_out: bool = False
+    # Idle vfio-pci functions, not part of the request, that the set's reset resets too.
+    also_reset: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "devices": list(self.devices), "resets": self.resets}
+        out: dict[str, Any] = {"id": self.id, "devices": list(self.devices), "resets": self.resets}
+        if self.also_reset:
+            out["also_reset"] = list(self.also_reset)
+        return out
+
+
+@dataclass(slots=True)
+class FileResult:
+    """A VFIO file other than a device (group, container, iommufd) taken from a process."""
+
+    kind: str
+    link: str
+    fds: list[int]
+    status: Status = Status.SKIPPED
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "link": self.link,
+            "fds": list(self.fds),
+            "status": str(self.status),
+            "error": self.error,
+        }
 
 
 @dataclass(slots=True)
@@ -69,10 +104,15 @@ class Report:
     devices: list[DeviceResult] = field(default_factory=list)
     elapsed_s: float = 0.0
     interrupted: bool = False
+    pid: int | None = None  # the process whose files were taken (--pid)
+    files: list[FileResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(d.status in (Status.RELEASED, Status.RESET) for d in self.devices)
+        return all(d.status in (Status.RELEASED, Status.RESET) for d in self.devices) and all(
+            f.status is not Status.FAILED for f in self.files
+        )
 
     def counts(self) -> dict[str, int]:
         out = {str(s): 0 for s in Status}
@@ -99,6 +139,8 @@ class Report:
             "elapsed_s": round(self.elapsed_s, 6),
             "domains": [d.to_json() for d in self.domains],
             "devices": [d.to_json() for d in self.devices],
+            **({"pid": self.pid, "files": [f.to_json() for f in self.files]} if self.pid else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 

@@ -1,4 +1,13 @@
-"""Tear down a VMM's devices: take its fds, make it exit, release them in parallel."""
+"""Tear down a VMM's devices: take its VFIO files, make it exit, release them in parallel.
+
+Two ways in.  :func:`release_process` signals the VMM and, once it has exited
+(which now only drops references), closes our references domain by domain
+in parallel.  :func:`guard` sends nothing: it follows a running VMM, lets go
+of what the VMM lets go (a hot-unplugged device must reach the host
+promptly), takes what it hot-plugs, and when the VMM exits for any reason
+releases everything the same way.  Both close only the VMM's own files, so
+they never cause a reset its own exit would not cause.
+"""
 
 from __future__ import annotations
 
@@ -15,60 +24,94 @@ import anyio.to_thread
 from vfiopy._log import get_logger
 from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
-from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
-from vfiopy.release._manager import release_fds
+from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
 from vfiopy.release._plan import Plan, UsageError, make_plan
 from vfiopy.release._process import (
-    ProcessFd,
-    device_fds,
+    ProcessGone,
+    VfioFile,
     drop,
-    duplicate,
-    identify_by_config,
+    identify,
     open_process,
+    still_held,
+    take,
+    vfio_fds,
 )
-from vfiopy.release._report import DeviceResult, DomainResult, Report, Status
+from vfiopy.release._report import DeviceResult, DomainResult, FileResult, Report, Status
 
 log = get_logger("vfiopy.release")
+
+PF_EXITING = 0x4  # task flag (include/linux/sched.h): set before exit_files() closes the fds
 
 
 @dataclass(slots=True)
 class Takeover:
-    """References to every VFIO device fd of one process, grouped by reset domain."""
+    """Our references to every VFIO file of one process, and the plan for releasing them."""
 
     kernel: Kernel
     pid: int
     pidfd: int
-    plan: Plan
-    fds: list[ProcessFd]
-    unknown: list[ProcessFd] = field(default_factory=list)
+    files: list[VfioFile]
+    plan: Plan = field(default_factory=lambda: Plan([]))
+    exited_early: bool = False  # the process exited while its files were being taken
 
-    def by_address(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for f in self.fds:
-            if f.address is not None and f.dup is not None:
-                out.setdefault(f.address, []).append(f.dup)
-        return out
+    @property
+    def devices(self) -> list[VfioFile]:
+        return [f for f in self.files if f.kind == "device"]
 
-    def drop(self, which: list[ProcessFd] | None = None) -> None:
+    @property
+    def unidentified(self) -> list[VfioFile]:
+        return [f for f in self.devices if f.address is None]
+
+    def label(self, f: VfioFile) -> str:
+        return f.address or f"pid {self.pid} fd {','.join(map(str, f.fds))}"
+
+    def replan(self) -> None:
+        """Plan the release of the files held now (blocking: reads sysfs)."""
+        self.plan = plan_files(self.kernel, self.files)
+
+    def also_reset(self) -> dict[str, list[str]]:
+        """Domain -> idle vfio-pci functions the process does not hold that its reset hits."""
+        return {d.id: list(d.foreign) for d in self.plan.domains if d.foreign}
+
+    def drop(self) -> None:
         """Give back our references (the process keeps its own); idempotent."""
-        for f in self.fds if which is None else which:
+        for f in self.files:
             drop(self.kernel, f)
 
     def close(self) -> None:
         self.drop()
-        with contextlib.suppress(OSError):
-            self.kernel.close(self.pidfd)
+        if self.pidfd >= 0:
+            fd, self.pidfd = self.pidfd, -1
+            with contextlib.suppress(OSError):
+                self.kernel.close(fd)
+
+
+def plan_files(kernel: Kernel, files: list[VfioFile]) -> Plan:
+    """Reset domains of the devices held (identified, and every candidate of the rest).
+
+    Not strict: the files close whatever the plan says.  A vfio-pci function of
+    a domain that the process does not hold lands in ``Domain.foreign``: the
+    set's reset hits it, as the process's own exit would.
+    """
+    addresses: list[str] = []
+    for f in files:
+        if f.kind == "device" and f.dup is not None:
+            addresses += [f.address] if f.address else f.candidates
+    addresses = list(dict.fromkeys(addresses))
+    if not addresses:
+        return Plan([])
+    return make_plan(kernel, addresses, check_driver=False, strict=False)
 
 
 def take_over(kernel: Kernel, pid: int) -> Takeover:
-    """Find, duplicate and identify ``pid``'s device fds; plan their release (blocking).
+    """Take a reference to every VFIO file of ``pid``, identify and plan (blocking).
 
-    Nothing is signalled or released here: on any error every reference
-    taken is dropped again, which leaves the devices exactly as they were.
-    Raises :class:`UsageError` when there is no such process,
-    :class:`~vfiopy.errors.ProcessError` (EPERM) without ptrace-attach
-    permission, and :class:`~vfiopy.release.PlanError` when a domain holds a
-    vfio-pci device the process does not hold.
+    Nothing is signalled or released here: on an error every reference taken
+    is dropped again, which leaves the devices exactly as they were.  A
+    process that exits meanwhile is no error: the files taken stay ours
+    (``exited_early``).  Raises :class:`UsageError` when there is no such
+    process and :class:`~vfiopy.errors.ProcessError` (EPERM) without
+    ptrace-attach permission.
     """
     try:
         pidfd = open_process(kernel, pid)
@@ -82,31 +125,29 @@ def take_over(kernel: Kernel, pid: int) -> Takeover:
                 advice="check the pid (the process may have exited already)",
             ) from exc
         raise
-    fds: list[ProcessFd] = []
+    t = Takeover(kernel, pid, pidfd, [])
     try:
-        fds = device_fds(kernel, pid)
-        duplicate(kernel, pidfd, pid, fds)
-        known = {f.address for f in fds if f.address}
-        unknown = identify_by_config(
-            kernel, [f for f in fds if f.address is None], {a for a in known if a}
-        )
-        for f in unknown:
-            log.warning(
-                "release.fd_unidentified",
-                reason="the process's own exit will release it",
-                pid=pid,
-                fd=f.fd,
-                link=f.link,
-            )
-            drop(kernel, f)
-        addresses = list(dict.fromkeys(f.address for f in fds if f.address))
-        plan = make_plan(kernel, addresses, check_driver=False) if addresses else Plan([])
+        try:
+            take(kernel, pidfd, pid, t.files)
+        except ProcessGone:
+            t.exited_early = True
+        except ProcessError:
+            if not _exited(kernel, pidfd, 0):
+                raise
+            t.exited_early = True  # /proc/PID/fd vanished with the process
+        identify(kernel, t.files)
+        t.replan()
     except BaseException:
-        for f in fds:
-            drop(kernel, f)
-        kernel.close(pidfd)
+        t.close()
         raise
-    return Takeover(kernel, pid, pidfd, plan, fds, unknown)
+    if t.exited_early:
+        log.warning(
+            "release.exited_during_takeover",
+            pid=pid,
+            files=len(t.files),
+            reason="its exit released only what was not taken yet",
+        )
+    return t
 
 
 def _exited(kernel: Kernel, pidfd: int, timeout_s: float) -> bool:
@@ -125,23 +166,34 @@ async def wait_exit(kernel: Kernel, pidfd: int, timeout_s: float) -> bool:
             return False
 
 
-def _skip_all(t: Takeover, why: str, start: float) -> Report:
-    report = Report("release")
-    for d in t.plan.domains:
-        report.domains.append(DomainResult(d.id, list(d.devices), 0))
-        for a in d.devices:
-            report.devices.append(
-                DeviceResult(
-                    a,
-                    d.id,
-                    Status.SKIPPED,
-                    why,
-                    None,
-                    time.monotonic() - start,
-                    time.monotonic() - start,
-                )
-            )
+def given_back(t: Takeover, why: str, status: Status = Status.SKIPPED) -> Report:
+    """The report when our references went back to a live process: nothing was released."""
+    t.drop()
+    report = Report("release", pid=t.pid)
+    for f in t.devices:
+        report.devices.append(_result(t, f, "?", status, why))
+    report.files = [FileResult(f.kind, f.link, list(f.fds), status, why) for f in _others(t)]
     return report
+
+
+def _result(
+    t: Takeover, f: VfioFile, domain: str, status: Status = Status.SKIPPED, error: str | None = None
+) -> DeviceResult:
+    return DeviceResult(
+        t.label(f),
+        domain,
+        status,
+        error,
+        fds=list(f.fds),
+        identified_by=f.how or None,
+        candidates=list(f.candidates),
+    )
+
+
+def _others(t: Takeover) -> list[VfioFile]:
+    # Groups before the container or iommufd they are attached to.
+    order = {"group": 0, "container": 1, "iommufd": 1}
+    return sorted((f for f in t.files if f.kind != "device"), key=lambda f: order[f.kind])
 
 
 async def release_process(
@@ -155,82 +207,296 @@ async def release_process(
     progress: ProgressFn | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> Report:
-    """Signal the process, wait for its exit, then release its devices concurrently.
+    """Signal the process, wait for its exit, then release its files concurrently.
 
     ``sig`` first; SIGKILL if it is still alive after ``grace`` seconds.
-    Its exit only drops references (we hold one to each device file), so
-    it is fast; then the releases, and the resets they trigger, run here,
-    domains in parallel.  If the process does not exit, or the wait is
-    cancelled before it does, our references are dropped and the devices
-    reported skipped: the process's own exit will release them.  A
-    cancellation then returns the report marked ``interrupted``; it takes
-    effect at the caller's next checkpoint.
+    Its exit only drops references (we hold one to each VFIO file), so it is
+    fast; then the releases, and the resets they trigger, run here, domains
+    in parallel.  If the process does not exit, or the wait is cancelled
+    before it does, our references are given back and the devices reported
+    skipped: the process's own exit will release them.  A cancellation then
+    returns the report marked ``interrupted``.
     """
     t = takeover
-    start = time.monotonic()
     kernel = t.kernel
     phase = on_phase or (lambda _p: None)
     try:
         try:
-            phase("signal")
-            log.info("release.signal", pid=t.pid, signal=_signal.Signals(sig).name)
-            try:
-                kernel.pidfd_send_signal(t.pidfd, sig)
-            except ProcessLookupError:
-                pass  # exited already: what we wanted
-            except OSError as exc:
-                raise ProcessError.from_oserror(exc, f"pid {t.pid}", "pidfd_send_signal") from exc
-            phase("wait")
-            exited = await wait_exit(kernel, t.pidfd, grace)
-            if not exited and sig != _signal.SIGKILL:
-                log.warning(
-                    "release.kill",
-                    reason="still alive after --grace",
-                    pid=t.pid,
-                    elapsed_s=round(grace, 3),
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    kernel.pidfd_send_signal(t.pidfd, _signal.SIGKILL)
-                exited = await wait_exit(kernel, t.pidfd, kill_wait)
+            if t.exited_early:
+                exited = True
+            else:
+                phase("signal")
+                log.info("release.signal", pid=t.pid, signal=_signal.Signals(sig).name)
+                try:
+                    kernel.pidfd_send_signal(t.pidfd, sig)
+                except ProcessLookupError:
+                    pass  # exited already: what we wanted
+                except OSError as exc:
+                    err = ProcessError.from_oserror(exc, f"pid {t.pid}", "pidfd_send_signal")
+                    log.error("release.signal_failed", pid=t.pid, errno=exc.errno)
+                    return given_back(t, f"{err}; nothing was signalled", Status.FAILED)
+                phase("wait")
+                exited = await wait_exit(kernel, t.pidfd, grace)
+                if not exited and sig != _signal.SIGKILL:
+                    log.warning(
+                        "release.kill",
+                        reason="still alive after --grace",
+                        pid=t.pid,
+                        elapsed_s=round(grace, 3),
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        kernel.pidfd_send_signal(t.pidfd, _signal.SIGKILL)
+                    exited = await wait_exit(kernel, t.pidfd, kill_wait)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                exited = await anyio.to_thread.run_sync(_exited, kernel, t.pidfd, 0.0)
-                if not exited:
-                    t.drop()
-                    report = _skip_all(
-                        t,
-                        "interrupted before the process exited; its own exit releases the device",
-                        start,
+                if not await anyio.to_thread.run_sync(_exited, kernel, t.pidfd, 0.0):
+                    report = given_back(
+                        t, "interrupted before the process exited; its own exit releases it"
                     )
                     report.interrupted = True
                     return report
                 phase("release")
-                report = await _release(t, max_parallel, timeout, progress)
+                report = await release_files(t, max_parallel, timeout, progress)
                 report.interrupted = True
                 return report
         if not exited:
-            t.drop()
             log.error("release.process_alive", pid=t.pid, errno=errno.ETIMEDOUT)
-            return _skip_all(
-                t,
-                f"pid {t.pid} did not exit (even after SIGKILL); its exit will release the device",
-                start,
+            return given_back(
+                t, f"pid {t.pid} did not exit (even after SIGKILL); its exit will release it"
             )
-        log.info("release.process_exited", pid=t.pid, elapsed_s=round(time.monotonic() - start, 6))
+        log.info("release.process_exited", pid=t.pid)
         phase("release")
-        return await _release(t, max_parallel, timeout, progress)
+        return await release_files(t, max_parallel, timeout, progress)
     finally:
         t.close()
 
 
-async def _release(
-    t: Takeover, max_parallel: int, timeout: float | None, progress: ProgressFn | None
+async def release_files(
+    t: Takeover,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    timeout: float | None = None,
+    progress: ProgressFn | None = None,
 ) -> Report:
-    fds = t.by_address()
-    # The workers own the fds now (an abandoned one closes its fds late):
-    # forget them here so that Takeover.close never closes a number twice.
-    for f in t.fds:
-        f.dup = None
-    return await release_fds(
-        t.kernel, t.plan, fds, max_parallel=max_parallel, timeout=timeout, progress=progress
+    """Close every reference of a process that has exited: device files by domain, in
+    parallel (the last close of a set runs its reset), then groups, container, iommufd."""
+    report = await run_domains(
+        "release",
+        _jobs(t),
+        event="release.device",
+        max_parallel=max_parallel,
+        timeout=timeout,
+        progress=progress,
+    )
+    report.pid = t.pid
+    with anyio.CancelScope(shield=True):
+        report.files = await _close_others(t)
+    if t.exited_early:
+        report.notes.append(
+            f"pid {t.pid} exited during the takeover: what was not taken yet was released "
+            "by its exit"
+        )
+    return report
+
+
+def planned_report(t: Takeover) -> Report:
+    """What :func:`release_files` would do, every file reported skipped (``--dry-run``)."""
+    jobs = _jobs(t, lambda _k, _f: _nothing)
+    report = Report("release", [j.domain for j in jobs], [r for j in jobs for r in j.results()])
+    report.pid = t.pid
+    report.files = [FileResult(f.kind, f.link, list(f.fds)) for f in _others(t)]
+    return report
+
+
+def _nothing() -> None:
+    pass
+
+
+def _jobs(
+    t: Takeover, closer: Callable[[Kernel, VfioFile], Callable[[], None]] | None = None
+) -> list[DomainJob]:
+    """One job per domain (an unplaceable file alone), the most serial work first.
+
+    A file identified only up to a set of candidates joins their domain when
+    they all share one: that set's worker releases it either way.
+    """
+    closer = closer or _closer
+    domain_of = {a: d for d in t.plan.domains for a in d.devices}
+    placed: dict[str, list[VfioFile]] = {}
+    alone: list[VfioFile] = []
+    for f in t.devices:
+        if f.dup is None:
+            continue
+        addrs = [f.address] if f.address else f.candidates
+        ids = {domain_of[a].id for a in addrs if a in domain_of}
+        if addrs and len(ids) == 1 and all(a in domain_of for a in addrs):
+            placed.setdefault(ids.pop(), []).append(f)
+        else:
+            alone.append(f)
+    jobs: list[DomainJob] = []
+    for d in t.plan.domains:
+        fs = placed.get(d.id)
+        if not fs:
+            continue
+        steps = [Step([_result(t, f, d.id)], closer(t.kernel, f)) for f in fs]
+        steps[-1].reset = "bus" if len(d.members) > 1 else "function"
+        resets = None if d.host_bound else 1
+        jobs.append(
+            DomainJob(
+                DomainResult(d.id, [t.label(f) for f in fs], resets, also_reset=list(d.foreign)),
+                steps,
+            )
+        )
+    for f in alone:
+        label = t.label(f)
+        jobs.append(
+            DomainJob(
+                DomainResult(label, [label], None),
+                [Step([_result(t, f, label)], closer(t.kernel, f))],
+            )
+        )
+    jobs.sort(key=lambda j: -len(j.steps))  # stable: plan order among equals
+    return jobs
+
+
+def _closer(kernel: Kernel, f: VfioFile) -> Callable[[], None]:
+    # The worker owns the fd from now on (one abandoned on timeout closes it late):
+    # forget it here so that Takeover.close never closes the number twice.
+    fd, f.dup = f.dup, None
+
+    def fn() -> None:
+        if fd is not None:
+            kernel.close(fd)  # frees the fd even when the release reports an error
+
+    return fn
+
+
+async def _close_others(t: Takeover) -> list[FileResult]:
+    """Close group, then container and iommufd references; the last close of each unpins."""
+    out: list[FileResult] = []
+    for kinds in (("group",), ("container", "iommufd")):
+        batch = [f for f in _others(t) if f.kind in kinds and f.dup is not None]
+        results = [FileResult(f.kind, f.link, list(f.fds)) for f in batch]
+        async with anyio.create_task_group() as tg:
+            for f, r in zip(batch, results, strict=True):
+                tg.start_soon(
+                    anyio.to_thread.run_sync, _close_file, t.kernel, _closer(t.kernel, f), r
+                )
+        out += results
+    return out
+
+
+def _close_file(kernel: Kernel, fn: Callable[[], None], r: FileResult) -> None:
+    try:
+        fn()
+        r.status = Status.RELEASED
+    except OSError as exc:
+        r.status, r.error = Status.FAILED, str(exc)
+        log.error("release.file_close_failed", link=r.link, errno=exc.errno)
+
+
+# --- the guardian ---------------------------------------------------------------------------
+
+
+def _exiting(kernel: Kernel, pid: int, pidfd: int) -> bool:
+    """Whether the process is exiting: its fds are being closed, not let go one by one."""
+    try:
+        stat = kernel.read_text(f"/proc/{pid}/stat")
+        flags = int(stat.rsplit(")", 1)[1].split()[6])
+        if flags & PF_EXITING:
+            return True
+    except (OSError, ValueError, IndexError):
+        pass  # no stat (gone, or a simulated process): the pidfd still tells
+    return _exited(kernel, pidfd, 0)
+
+
+def follow(t: Takeover) -> tuple[list[VfioFile], list[VfioFile]]:
+    """One look at the process (blocking): the files it let go (ours to drop) and new ones taken."""
+    kernel, pid = t.kernel, t.pid
+    try:
+        current = vfio_fds(kernel, pid)
+    except ProcessError:
+        return [], []  # exiting: the caller sees the exit next
+    if _exiting(kernel, pid, t.pidfd):
+        return [], []  # an exit closes everything: release it as a whole, not as let-go files
+    gone = [f for f in t.files if f.dup is not None and not still_held(kernel, pid, f, current)]
+    if _exiting(kernel, pid, t.pidfd):
+        return [], []
+    for f in gone:
+        t.files.remove(f)
+    taken = [f.address for f in t.files if f.address]
+    try:
+        new = take(kernel, t.pidfd, pid, t.files)
+    except ProcessGone as gone_now:
+        new = gone_now.taken
+    except ProcessError as exc:
+        log.warning("release.watch_take_failed", pid=pid, errno=exc.errno, error=str(exc))
+        new = []
+    identify(kernel, new + [f for f in t.files if f.kind == "group"], taken)
+    return gone, new
+
+
+async def guard(
+    t: Takeover,
+    *,
+    interval: float = 0.25,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    timeout: float | None = None,
+    progress: ProgressFn | None = None,
+    on_change: Callable[[str, VfioFile], None] | None = None,
+) -> Report:
+    """Follow a running VMM without signalling it; release everything once it exits.
+
+    Every ``interval`` seconds: a file the VMM closed (a hot-unplug) is let go
+    at once, on a thread of its own, so the unplug and the host's reattach
+    are never blocked; a file it opened (a hot-plug) is taken.  When the VMM
+    exits, for whatever reason, its files are released as by
+    :func:`release_process`.  Cancelled (the guardian is stopped) while the VMM
+    runs, our references go back and nothing is released: the report is
+    empty and marked ``interrupted``.  Killed outright, the guardian's
+    references die with it and the kernel releases the devices as before.
+    """
+    kernel = t.kernel
+    changed = on_change or (lambda _what, _f: None)
+    try:
+        async with anyio.create_task_group() as tg:
+            try:
+                while not await anyio.to_thread.run_sync(_exited, kernel, t.pidfd, interval):
+                    gone, new = await anyio.to_thread.run_sync(follow, t)
+                    for f in gone:
+                        changed("let go", f)
+                        tg.start_soon(_let_go, t, f)
+                    for f in new:
+                        changed("taken", f)
+                        log.info("release.watch_taken", pid=t.pid, link=f.link, bdf=f.address)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    if not await anyio.to_thread.run_sync(_exited, kernel, t.pidfd, 0.0):
+                        t.drop()
+                        report = Report("release", pid=t.pid, interrupted=True)
+                        report.notes.append(
+                            f"stopped while pid {t.pid} runs: references given back, "
+                            "nothing released"
+                        )
+                        return report
+                    await anyio.to_thread.run_sync(t.replan)
+                    report = await release_files(t, max_parallel, timeout, progress)
+                    report.interrupted = True
+                    return report
+        log.info("release.process_exited", pid=t.pid)
+        await anyio.to_thread.run_sync(t.replan)
+        return await release_files(t, max_parallel, timeout, progress)
+    finally:
+        t.close()
+
+
+async def _let_go(t: Takeover, f: VfioFile) -> None:
+    start = time.monotonic()
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(drop, t.kernel, f)
+    log.info(
+        "release.watch_let_go",
+        pid=t.pid,
+        link=f.link,
+        bdf=f.address,
+        elapsed_s=round(time.monotonic() - start, 6),
     )

@@ -30,7 +30,7 @@ from vfiopy.logsetup import configure_cli_logging, verbosity_level
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
 from vfiopy.release._manager import plan_for, release_addresses
 from vfiopy.release._plan import Plan, UsageError, parse_addresses
-from vfiopy.release._process import parse_signal
+from vfiopy.release._process import VfioFile, parse_signal
 from vfiopy.release._report import (
     SCHEMA,
     DeviceResult,
@@ -39,7 +39,7 @@ from vfiopy.release._report import (
     Status,
     max_overlap,
 )
-from vfiopy.release._takeover import Takeover, release_process, take_over
+from vfiopy.release._takeover import Takeover, guard, planned_report, release_process, take_over
 
 if TYPE_CHECKING:
     from vfiopy.session import Backend
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tear down this VMM process: take its VFIO device "
         "fds, signal it, wait for its exit, release the devices concurrently",
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="with --pid: a guardian; signal nothing, follow the VMM (let go of devices it "
+        "hot-unplugs, take those it hot-plugs) and release everything concurrently when it "
+        "exits, whatever the reason",
     )
     p.add_argument("--signal", default="TERM", help="signal for --pid (default TERM)")
     p.add_argument(
@@ -298,6 +305,8 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         return _usage("--simulate-vmm needs --simulate TOPOLOGY")
     if args.simulate_vmm and args.pid is not None:
         return _usage("--simulate-vmm chooses the pid itself; leave out --pid")
+    if args.watch and args.pid is None and not args.simulate_vmm:
+        return _usage("--watch needs --pid PID")
     if args.pid is None and not args.addresses and not args.simulate_vmm:
         return _usage("give device addresses or --pid PID")
     if (
@@ -343,7 +352,7 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         return _refuse(args, exc, EXIT_FAILED)
 
 
-def _refuse(args: argparse.Namespace, exc: OSError, code: int) -> int:
+def _refuse(args: argparse.Namespace, exc: OSError | str, code: int) -> int:
     """Nothing was done: say why on stderr and, with --json, in the document too."""
     sys.stderr.write(f"error: {exc}\n")
     if args.json:
@@ -410,7 +419,8 @@ class _Signals:
     async def watch(
         self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP too: a dropped SSH session must not stop a release half-way.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for s in signals:
                 if self.received is None:
@@ -459,24 +469,24 @@ def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str
 
 
 def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> int:
+
     takeover: Takeover = take_over(kernel, pid)
-    if not takeover.fds:
+    if not takeover.devices:
         takeover.close()
-        sys.stderr.write(
-            f"error: pid {pid} holds no VFIO device fds; nothing was signalled "
-            "(is it the VMM? its devices may be opened by another process)\n"
+        gone = " (it exited meanwhile)" if takeover.exited_early else ""
+        return _refuse(
+            args,
+            f"pid {pid} holds no VFIO device fds{gone}; nothing was signalled "
+            "(is it the VMM? its devices may be opened by another process)",
+            EXIT_FAILED,
         )
-        return EXIT_FAILED
+    if not args.quiet:
+        _describe_takeover(takeover)
     if args.dry_run:
+        report = planned_report(takeover)
         takeover.close()
         _print_plan(args, takeover.plan, "release")
-        for f in takeover.unknown:
-            sys.stderr.write(
-                f"  fd {f.fd} ({f.link}): device not identified; left to the process's own exit\n"
-            )
-        return _emit(
-            args, plan_report(takeover.plan, "release"), dry_run=True, plan_ok=not takeover.unknown
-        )
+        return _emit(args, report, dry_run=True)
     progress = _progress(args, takeover.plan)
 
     def phase(p: str) -> None:
@@ -484,30 +494,55 @@ def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> in
             sys.stderr.write(f"\r\x1b[K{p} pid {pid}...")
             sys.stderr.flush()
 
+    def changed(what: str, f: VfioFile) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"pid {pid}: {what} {takeover.label(f)} ({f.link})\n")
+
     try:
-        report = _Signals().run(
-            lambda: release_process(
-                takeover,
-                sig=sig,
-                grace=args.grace,
-                max_parallel=args.max_parallel,
-                timeout=args.timeout,
-                progress=progress,
-                on_phase=phase,
+        if args.watch:
+            report = _Signals().run(
+                lambda: guard(
+                    takeover,
+                    max_parallel=args.max_parallel,
+                    timeout=args.timeout,
+                    progress=progress,
+                    on_change=changed,
+                )
             )
-        )
+        else:
+            report = _Signals().run(
+                lambda: release_process(
+                    takeover,
+                    sig=sig,
+                    grace=args.grace,
+                    max_parallel=args.max_parallel,
+                    timeout=args.timeout,
+                    progress=progress,
+                    on_phase=phase,
+                )
+            )
     finally:
         takeover.close()
     if progress is not None:
         progress.finish()
-    for f in takeover.unknown:
-        report.devices.append(
-            DeviceResult(
-                f"pid {pid} fd {f.fd}",
-                "?",
-                Status.SKIPPED,
-                "device not identified (no fdinfo vfio-device-syspath, config space ambiguous); "
-                "the process's own exit released it",
-            )
-        )
     return _emit(args, report)
+
+
+def _describe_takeover(t: Takeover) -> None:
+    """What --pid holds and what its release will touch, before anything is signalled."""
+    err = sys.stderr
+    n = len(t.devices)
+    err.write(
+        f"pid {t.pid}: {_n(n, 'VFIO device file')}, {_n(len(t.files) - n, 'other VFIO file')}"
+        f" (groups, container, iommufd); {n - len(t.unidentified)} identified\n"
+    )
+    for f in t.unidentified:
+        what = " or ".join(f.candidates) if f.candidates else "unknown device"
+        err.write(
+            f"  {t.label(f)}: {what} ({f.how or 'no clue'}); released with the rest all the same\n"
+        )
+    for domain, others in t.also_reset().items():
+        err.write(
+            f"  note: the reset of {domain} also resets {', '.join(others)} (bound to vfio-pci, "
+            f"not held by pid {t.pid}), as the process's own exit would\n"
+        )
