@@ -178,3 +178,18 @@ async def test_legacy_kernel_releases_in_series_but_completely(machine: MachineF
     resets = m.unique_resets(cause="devset")
     assert len(resets) == 4 and overlap(resets) == 1
     assert m.open_fds() == 0
+
+
+async def test_domain_with_most_devices_starts_first(machine: MachineFactory) -> None:
+    # One worker: the multifunction pair's set (two closes under one lock) must not wait
+    # behind the single NICs.
+    m = machine("qemu-vmtest")
+    proc = m.spawn(name="vmm")
+    addrs = [a for a in vfio_devices(proc) if not a.startswith("0000:08")]
+    session = Session(proc)
+    await acquire(session, addrs)
+    report = await release(session, max_parallel=1)
+    assert report.ok
+    assert report.domains[0].devices == ["0000:07:00.0", "0000:07:00.1"]
+    first = min(report.devices, key=lambda r: r.start_s)
+    assert first.domain == report.domains[0].id

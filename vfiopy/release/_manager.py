@@ -87,6 +87,7 @@ async def open_all(
                 ok_status=Status.RELEASED,
             )
         )
+    jobs.sort(key=lambda j: -len(j.steps))  # the most serial work first, as in release
     report = await run_domains(
         "acquire",
         jobs,
@@ -262,8 +263,12 @@ def _release_jobs(
     closer: Callable[[str], Callable[[], None]],
     finally_fn: Callable[[bool], object] | None = None,
 ) -> list[DomainJob]:
-    """One job per domain closing its devices in order; the last close runs the set's reset."""
-    return [
+    """One job per domain closing its devices in order; the last close runs the set's reset.
+
+    The domains with the most devices (the most serial work under one set lock) come
+    first, so that a capped pool of workers never starts them last.
+    """
+    jobs = [
         DomainJob(
             DomainResult(d.id, list(d.devices), d.release_resets),
             [
@@ -274,6 +279,7 @@ def _release_jobs(
         )
         for d in plan.domains
     ]
+    return sorted(jobs, key=lambda j: -len(j.steps))
 
 
 def _loose_plan(kernel: Kernel, addresses: list[str]) -> Plan:
