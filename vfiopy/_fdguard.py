@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from vfiopy.errors import VfioError
+
+E = TypeVar("E", bound="VfioError")
 
 
 class FdGuard:
@@ -36,7 +38,7 @@ class FdGuard:
         self._users = 0
         self._cond = threading.Condition(threading.Lock())
 
-    def closed_error(self, error: type[VfioError], step: str | None) -> VfioError:
+    def closed_error(self, error: type[E], step: str | None) -> E:
         return error(errno.EBADF, self.name, step, detail=f"{self.what} is closed")
 
     def hold(self, error: type[VfioError], step: str | None = None) -> _Use:

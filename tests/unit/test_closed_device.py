@@ -47,7 +47,7 @@ def test_closed_device_never_reaches_the_device_that_reused_its_fd(k: Any) -> No
         _refused(lambda: a.config.device_id, GPU0)
 
         def write_command() -> None:
-            cfg.command = 6  # type: ignore[assignment]
+            cfg.command = 6
 
         _refused(write_command, GPU0)
         assert b.config.command == command
