@@ -78,7 +78,10 @@ def _work(job: DomainJob, t0: float, event: str, logger: Any) -> None:
             exc: BaseException | None = None
             try:
                 step.fn()
-            except Exception as e:
+            except BaseException as e:
+                # KeyboardInterrupt or SystemExit in a worker stops nothing but
+                # this step: the device is reported failed and the domain's
+                # other steps still run, so their fds close.
                 exc = e
             end = time.monotonic()
             with job._lock:
@@ -116,7 +119,11 @@ def _work(job: DomainJob, t0: float, event: str, logger: Any) -> None:
             job._finished = True
             abandoned = job._abandoned
         if job.finally_fn is not None:
-            job.finally_fn(abandoned)
+            try:
+                job.finally_fn(abandoned)
+            except BaseException as e:
+                text, err = describe(e)
+                logger.error(event + "_cleanup_failed", domain=domain, error=text, errno=err)
 
 
 class _Mailbox:
@@ -164,8 +171,12 @@ def _worker(queue: deque[DomainJob], mail: _Mailbox, t0: float, event: str, logg
                 return
             job.started = time.monotonic()
             mail.post("start", job)
-            _work(job, t0, event, logger)
-            mail.post("end", job)
+            try:
+                _work(job, t0, event, logger)
+            finally:
+                # The loop counts domains down by their "end": one that never
+                # comes leaves run_domains waiting for ever.
+                mail.post("end", job)
     finally:
         mail.leave()
 
