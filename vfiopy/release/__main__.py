@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 from vfiopy.release import cli
 
-if __name__ == "__main__":
+
+def run() -> NoReturn:
+    """Run the CLI and exit with its status (also the ``vfiopy-release`` console script)."""
     code = cli.main()
     if cli.abandoned_workers:
         # A worker stuck in a hung reset would keep the interpreter from exiting
@@ -16,3 +19,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()
