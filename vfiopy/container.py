@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._uapi import (
     Closable,
     DmaMapFlag,
@@ -69,6 +70,9 @@ class Container(Closable):
         self._mappings: dict[int, int] = {}
         self._groups: set[int] = set()
         self.fd = open_node(self.kernel, path, O_RDWR, error=OpenContainerError, device=None)
+        # Close waits for the calls in flight (a DMA unmap on another thread,
+        # say); later ones raise EBADF instead of using the number.
+        self.guard = FdGuard(self.fd, self.path, "the container")
         try:
             version = self._ioctl("VFIO_GET_API_VERSION", error=OpenContainerError)
             if version != lib.VFIO_API_VERSION:
@@ -92,16 +96,17 @@ class Container(Closable):
         detail: str | None = None,
         advice: str | Mapping[int, str] | None = None,
     ) -> int:
-        return ioctl(
-            self.kernel,
-            self.fd,
-            name,
-            arg,
-            error=error,
-            device=self.path,
-            detail=detail,
-            advice=advice,
-        )
+        with self.guard.hold(error, name) as fd:
+            return ioctl(
+                self.kernel,
+                fd,
+                name,
+                arg,
+                error=error,
+                device=self.path,
+                detail=detail,
+                advice=advice,
+            )
 
     @property
     def groups(self) -> frozenset[int]:
@@ -208,15 +213,16 @@ class Container(Closable):
 
     def info(self) -> IommuInfo:
         """VFIO_IOMMU_GET_INFO with its capability chain."""
-        s = ioctl_info(
-            self.kernel,
-            self.fd,
-            "VFIO_IOMMU_GET_INFO",
-            "struct vfio_iommu_type1_info",
-            error=DmaMapError,
-            device=self.path,
-            advice={errno.EINVAL: "set the IOMMU first (Container.set_iommu)"},
-        )
+        with self.guard.hold(DmaMapError, "VFIO_IOMMU_GET_INFO") as fd:
+            s = ioctl_info(
+                self.kernel,
+                fd,
+                "VFIO_IOMMU_GET_INFO",
+                "struct vfio_iommu_type1_info",
+                error=DmaMapError,
+                device=self.path,
+                advice={errno.EINVAL: "set the IOMMU first (Container.set_iommu)"},
+            )
         ranges: list[IovaRange] = []
         avail: int | None = None
         if s.p.flags & IommuInfoFlag.CAPS:
@@ -245,7 +251,7 @@ class Container(Closable):
     # --- lifetime -----------------------------------------------------------------
     def close(self) -> None:
         """Close the container; the kernel drops its mappings with it. Idempotent."""
-        if self.closed:
+        if not self.guard.shut():
             return
         self.closed = True
         with raise_as(ReleaseError, self.path, "close container"):

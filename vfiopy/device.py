@@ -9,6 +9,7 @@ disables interrupts first: a live mmap would defer that release.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -214,20 +215,21 @@ class Device(Closable):
         fd = open_node(k, path, O_RDWR, error=OpenDeviceError, device=str(address))
         try:
             bind = Struct("struct vfio_device_bind_iommufd")
-            bind.p.iommufd = iommufd.fd
             # Binding is the open: vfio-pci enables and resets the device here.
-            ioctl(
-                k,
-                fd,
-                "VFIO_DEVICE_BIND_IOMMUFD",
-                bind.p,
-                error=BindIommufdError,
-                device=str(address),
-                advice={
-                    errno.EBUSY: "the device is already bound to an iommufd or open "
-                    "through its group"
-                },
-            )
+            with iommufd.guard.hold(BindIommufdError, "VFIO_DEVICE_BIND_IOMMUFD") as ictx:
+                bind.p.iommufd = ictx
+                ioctl(
+                    k,
+                    fd,
+                    "VFIO_DEVICE_BIND_IOMMUFD",
+                    bind.p,
+                    error=BindIommufdError,
+                    device=str(address),
+                    advice={
+                        errno.EBUSY: "the device is already bound to an iommufd or open "
+                        "through its group"
+                    },
+                )
             attach = Struct("struct vfio_device_attach_iommufd_pt")
             attach.p.pt_id = ioas_id
             ioctl(
@@ -311,20 +313,22 @@ class Device(Closable):
         group (``groups``, default: its own); a cdev device uses the
         zero-length form, where the kernel checks the iommufd's ownership.
         """
-        if groups is not None:
-            fds = [g.fd for g in groups]
-        elif self.group is not None:
-            fds = [self.group.fd]
-        else:
-            fds = []  # cdev: the zero-length form
-        s = Struct(
-            "struct vfio_pci_hot_reset", ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(fds)
-        )
-        s.p.count = len(fds)
-        for i, fd in enumerate(fds):
-            s.p.group_fds[i] = fd
+        if groups is None:
+            groups = [self.group] if self.group is not None else []  # cdev: zero-length
         try:
-            with self._guard.hold(HotResetError) as fd:
+            with contextlib.ExitStack() as held:
+                # The kernel gets the groups' numbers: none may be closed (and
+                # its number handed on) until the reset is done.
+                fd = held.enter_context(self._guard.hold(HotResetError))
+                step = "VFIO_DEVICE_PCI_HOT_RESET"
+                fds = [held.enter_context(g.guard.hold(HotResetError, step)) for g in groups]
+                s = Struct(
+                    "struct vfio_pci_hot_reset",
+                    ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(fds),
+                )
+                s.p.count = len(fds)
+                for i, group_fd in enumerate(fds):
+                    s.p.group_fds[i] = group_fd
                 ioctl(
                     self.kernel,
                     fd,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._uapi import Closable, GroupFlag, Struct, ffi, ioctl, open_node
 from vfiopy.errors import (
     GroupNotViableError,
@@ -69,10 +70,14 @@ class Group(Closable):
             device=self.name,
             advice=_OPEN_ADVICE,
         )
+        # Close waits for the calls in flight (a device being opened through
+        # the group, say); later ones raise EBADF instead of using the number.
+        self.guard = FdGuard(self.fd, self.name, "the group")
         self.closed = False
 
     def _ioctl(self, name: str, arg: Any, error: type[VfioError]) -> int:
-        return ioctl(self.kernel, self.fd, name, arg, error=error, device=self.name)
+        with self.guard.hold(error, name) as fd:
+            return ioctl(self.kernel, fd, name, arg, error=error, device=self.name)
 
     def status(self) -> GroupFlag:
         s = Struct("struct vfio_group_status")
@@ -120,9 +125,10 @@ class Group(Closable):
         """Attach the group to ``container``; raises GroupNotViableError when not viable."""
         if not self.viable:
             raise self.not_viable_error()
-        arg = ffi.new("int32_t *", container.fd)
         try:
-            self._ioctl("VFIO_GROUP_SET_CONTAINER", arg, SetContainerError)
+            with container.guard.hold(SetContainerError, "VFIO_GROUP_SET_CONTAINER") as cfd:
+                arg = ffi.new("int32_t *", cfd)
+                self._ioctl("VFIO_GROUP_SET_CONTAINER", arg, SetContainerError)
         except SetContainerError as exc:
             # The viability check above can race with a driver binding; the
             # kernel's DMA-ownership claim then fails with EPERM/EBUSY.
@@ -146,30 +152,39 @@ class Group(Closable):
         """Open a device of the group; this is where the kernel resets it."""
         name = str(PciAddress.of(addr))
         arg = ffi.new("char[]", name.encode())
-        return ioctl(
-            self.kernel,
-            self.fd,
-            "VFIO_GROUP_GET_DEVICE_FD",
-            arg,
-            error=OpenDeviceError,
-            device=name,
-            detail=self.name,
-            advice=_DEVICE_ADVICE,
-        )
+        with self.guard.hold(OpenDeviceError, "VFIO_GROUP_GET_DEVICE_FD") as fd:
+            return ioctl(
+                self.kernel,
+                fd,
+                "VFIO_GROUP_GET_DEVICE_FD",
+                arg,
+                error=OpenDeviceError,
+                device=name,
+                detail=self.name,
+                advice=_DEVICE_ADVICE,
+            )
 
     def close(self) -> None:
         """Detach from the container and close the group fd. Idempotent.
 
         The kernel detaches on release anyway; unsetting first makes a
         still-open device fd show up as EBUSY here instead of silently
-        keeping the group alive.
+        keeping the group alive.  Calls in flight on other threads (a device
+        being opened) finish first.
         """
-        if self.closed:
+        if not self.guard.shut():
             return
         self.closed = True
         try:
             if self.container is not None and not self.container.closed:
-                self.unset_container()
+                ioctl(
+                    self.kernel,
+                    self.fd,
+                    "VFIO_GROUP_UNSET_CONTAINER",
+                    0,
+                    error=SetContainerError,
+                    device=self.name,
+                )
         finally:
             # The release detaches the group (once its device fds are closed).
             self._detached()

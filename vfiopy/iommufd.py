@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from vfiopy._fdguard import FdGuard
 from vfiopy._uapi import Closable, IoasMapFlag, Struct, ffi, ioctl, open_node
 from vfiopy.dma import IovaRange
 from vfiopy.errors import DmaMapError, OpenIommufdError, ReleaseError, VfioError, raise_as
@@ -41,21 +42,25 @@ class Iommufd(Closable):
                 "try modprobe iommufd) - use the container backend instead"
             },
         )
+        # Close waits for the calls in flight (a DMA unmap on another thread,
+        # say); later ones raise EBADF instead of using the number.
+        self.guard = FdGuard(self.fd, self.path, "the iommufd")
         self.closed = False
 
     def _ioctl(
         self, name: str, s: Struct, error: type[VfioError], detail: str | None = None
     ) -> int:
-        return ioctl(
-            self.kernel,
-            self.fd,
-            name,
-            s.p,
-            error=error,
-            device=self.path,
-            detail=detail,
-            advice=_MAP_ADVICE,
-        )
+        with self.guard.hold(error, name) as fd:
+            return ioctl(
+                self.kernel,
+                fd,
+                name,
+                s.p,
+                error=error,
+                device=self.path,
+                detail=detail,
+                advice=_MAP_ADVICE,
+            )
 
     def alloc_ioas(self) -> int:
         """A new, empty IO address space; returns its object id."""
@@ -131,7 +136,7 @@ class Iommufd(Closable):
 
     def close(self) -> None:
         """Close the iommufd, destroying every object in it. Idempotent."""
-        if self.closed:
+        if not self.guard.shut():
             return
         self.closed = True
         with raise_as(ReleaseError, self.path, "close iommufd"):

@@ -24,7 +24,7 @@ from vfiopy._uapi import Closable
 from vfiopy.container import Container
 from vfiopy.device import Device
 from vfiopy.dma import DmaBuffer, DmaSpace, IoasSpace, IovaAllocator
-from vfiopy.errors import OpenDeviceError, ReleaseError, VfioError
+from vfiopy.errors import DmaMapError, OpenDeviceError, ReleaseError, VfioError
 from vfiopy.group import Group
 from vfiopy.iommufd import Iommufd
 from vfiopy.kernel import Kernel, default_kernel
@@ -60,6 +60,8 @@ class Session(Closable):
         self.sysfs = sysfs if sysfs is not None else Sysfs(self.kernel)
         self.backend: Backend = backend
         self._lock = threading.Lock()
+        # Notified whenever an open in flight ends: close waits for them all.
+        self._opens_done = threading.Condition(self._lock)
         self._groups: dict[int, _GroupSlot] = {}
         self._devices: dict[PciAddress, Device] = {}
         self._device_slot: dict[PciAddress, _GroupSlot] = {}
@@ -128,6 +130,18 @@ class Session(Closable):
                 )
             self._opening.add(a)
         t0 = time.monotonic()
+        try:
+            dev = self._open_new(a)
+        finally:
+            # Only now, with the device registered or undone, may close go on.
+            with self._lock:
+                self._opening.discard(a)
+                self._opens_done.notify_all()
+        log.debug("device opened", bdf=str(a), elapsed_s=round(time.monotonic() - t0, 6))
+        return dev
+
+    def _open_new(self, a: PciAddress) -> Device:
+        """Open ``a`` and register it; undone when the session closed meanwhile."""
         slot: _GroupSlot | None = None
         try:
             self._check_bindable(a)
@@ -137,25 +151,22 @@ class Session(Closable):
                 slot, group = self._acquire_group(self.sysfs.iommu_group(a))
                 dev = Device.from_group(group, a)
         except BaseException:
-            with self._lock:
-                self._opening.discard(a)
             if slot is not None:
                 self._release_group(slot)
             raise
         with self._lock:
-            self._opening.discard(a)
             closed = self.closed
             if not closed:
                 self._devices[a] = dev
                 if slot is not None:
                     self._device_slot[a] = slot
         if closed:
-            # The session closed while this device was opening: undo it.
-            dev.close()
-            if slot is not None:
-                self._release_group(slot)
+            try:
+                dev.close()
+            finally:
+                if slot is not None:
+                    self._release_group(slot)
             raise OpenDeviceError(errno.EBADF, str(a), detail="the session closed meanwhile")
-        log.debug("device opened", bdf=str(a), elapsed_s=round(time.monotonic() - t0, 6))
         return dev
 
     def _acquire_group(self, number: int) -> tuple[_GroupSlot, Group]:
@@ -274,7 +285,12 @@ class Session(Closable):
                 allocator = self._allocator
         buf = DmaBuffer(self._space, size, allocator=allocator, kernel=self.kernel, limit=limit)
         with self._lock:
-            self._buffers.append(buf)
+            closed = self.closed
+            if not closed:
+                self._buffers.append(buf)
+        if closed:
+            buf.close()
+            raise DmaMapError(errno.EBADF, step="allocate DMA buffer", detail="the session closed")
         return buf
 
     def free_dma_buffer(self, buf: DmaBuffer) -> None:
@@ -300,34 +316,37 @@ class Session(Closable):
     def close(self) -> None:
         """Close everything, in the kernel's order. Idempotent.
 
-        DMA buffers first, while the container's IOMMU still exists (it goes
-        with the last group); then the devices (mappings and IRQs, then fds:
-        the release resets them); then groups; then the container or
-        iommufd.  Every step runs even if one fails; the first error is
-        raised at the end.
+        Opens in flight on other threads finish first (and undo themselves).
+        Then the devices (mappings and IRQs, then fds: the release resets
+        them), so none is still doing DMA when the buffers go; then the DMA
+        buffers, while the container's IOMMU still exists (the last group
+        stays parked for them); then groups; then the container or iommufd.
+        Every step runs even if one fails; the first error is raised at the end.
         """
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            self._opens_done.wait_for(lambda: not self._opening)
             devices = list(self._devices.values())
-            buffers = list(self._buffers)
         errors: list[BaseException] = []
-        for buf in buffers:
-            try:
-                self.free_dma_buffer(buf)
-            except OSError as exc:
-                errors.append(exc)
         for dev in devices:
             try:
                 self.close_device(dev)
             except OSError as exc:
                 errors.append(exc)
         with self._lock:
+            buffers = list(self._buffers)
+        for buf in buffers:
+            try:
+                self.free_dma_buffer(buf)
+            except OSError as exc:
+                errors.append(exc)
+        with self._lock:
             slots = list(self._groups.values())
             self._groups.clear()
         for slot in slots:
-            # Left only by a device still opening in another thread.
+            # None is left unless closing a device or a buffer failed.
             if slot.group is not None:
                 try:
                     slot.group.close()
