@@ -190,6 +190,14 @@ static int vfiopy_mmap(int fd, size_t len, int prot, int flags, int64_t off,
 static int vfiopy_munmap(uintptr_t addr, size_t len) {
     return munmap((void *)addr, len) < 0 ? -errno : 0;
 }
+/* Replace [addr, addr+len) in one step with private zero pages: the old
+ * mapping (and the file it held) is gone, yet a load or store racing with
+ * this lands in harmless memory instead of faulting on a hole. */
+static int vfiopy_remap_anonymous(uintptr_t addr, size_t len) {
+    void *p = mmap((void *)addr, len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? -errno : 0;
+}
 static int vfiopy_pidfd_open(int pid, unsigned int flags) {
     long r = syscall(434 /* __NR_pidfd_open */, pid, flags);
     return r < 0 ? -errno : (int)r;
@@ -479,6 +487,7 @@ int vfiopy_ioctl_ptr(int fd, unsigned long req, void *arg);
 int vfiopy_ioctl_int(int fd, unsigned long req, unsigned long arg);
 int vfiopy_mmap(int fd, size_t len, int prot, int flags, int64_t off, uintptr_t *out);
 int vfiopy_munmap(uintptr_t addr, size_t len);
+int vfiopy_remap_anonymous(uintptr_t addr, size_t len);
 int vfiopy_pidfd_open(int pid, unsigned int flags);
 int vfiopy_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 int vfiopy_pidfd_send_signal(int pidfd, int sig, unsigned int flags);

@@ -8,13 +8,14 @@ into a space at an IOVA from an :class:`IovaAllocator`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from vfiopy._uapi import MAP_ANONYMOUS, MAP_SHARED, PAGE_SIZE, PROT_READ, PROT_WRITE, Closable, ffi
 from vfiopy.errors import DmaMapError, raise_as
-from vfiopy.kernel import Kernel, default_kernel
+from vfiopy.kernel import Kernel, RemapKernel, default_kernel
 
 if TYPE_CHECKING:
     from vfiopy.iommufd import Iommufd
@@ -143,11 +144,34 @@ class IovaAllocator:
         free.insert(lo, (start, end))
 
 
+class _Memory:
+    """A buffer's address range, unmapped only when nothing can reach it any more.
+
+    The buffer's cffi pointer owns it, and every ``view()`` keeps that
+    pointer alive: the range goes with the last of them, never under a view.
+    """
+
+    __slots__ = ("freed", "kernel", "size", "vaddr")
+
+    def __init__(self, kernel: Kernel, vaddr: int, size: int) -> None:
+        self.kernel, self.vaddr, self.size = kernel, vaddr, size
+        self.freed = False  # set by close; a buffer never closed stays mapped (and pinned)
+
+    def unmap(self, _ptr: object) -> None:
+        if self.freed:
+            # Nothing can raise out of a finaliser; a failure leaves the range mapped.
+            with contextlib.suppress(OSError):
+                self.kernel.munmap(self.vaddr, self.size)
+
+
 class DmaBuffer(Closable):
     """Anonymous shared memory, mapped for device DMA at :attr:`iova`.
 
     Closing unmaps it from the IOMMU first (so the device loses access) and
-    only then releases the memory.
+    only then releases the memory: its pages at once where the kernel can
+    swap them for zero pages in place, the address range when the buffer
+    and its views are gone, so a view used after close reads zeros instead
+    of faulting.
     """
 
     def __init__(
@@ -186,7 +210,9 @@ class DmaBuffer(Closable):
         except BaseException:
             self.kernel.munmap(self.vaddr, self.size)
             raise
-        self._mem: Any = ffi.buffer(ffi.cast("char *", self.vaddr), self.size)
+        self._memory = _Memory(self.kernel, self.vaddr, self.size)
+        owner = ffi.gc(ffi.cast("char *", self.vaddr), self._memory.unmap)
+        self._mem: Any = ffi.buffer(owner, self.size)
         self.closed = False
 
     def _check(self, off: int, n: int, step: str) -> None:
@@ -210,7 +236,7 @@ class DmaBuffer(Closable):
         self._mem[off : off + len(data)] = data
 
     def view(self) -> memoryview:
-        """A writable view of the whole buffer; do not use it after :meth:`close`."""
+        """A writable view of the whole buffer; after :meth:`close` it reads zeros."""
         self._check(0, 0, "view DMA buffer")
         return memoryview(self._mem)
 
@@ -226,8 +252,10 @@ class DmaBuffer(Closable):
         finally:
             # type1 and iommufd pin the pages while mapped, so releasing the
             # memory after a failed unmap cannot expose it to the device.
-            with raise_as(DmaMapError, None, "munmap", f"{self.size:#x} bytes"):
-                self.kernel.munmap(self.vaddr, self.size)
+            self._memory.freed = True
+            if isinstance(self.kernel, RemapKernel):
+                with raise_as(DmaMapError, None, "release memory", f"{self.size:#x} bytes"):
+                    self.kernel.remap_anonymous(self.vaddr, self.size)
 
     def __repr__(self) -> str:
         return f"DmaBuffer(iova={self.iova:#x}, size={self.size:#x})"

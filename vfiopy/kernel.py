@@ -83,6 +83,23 @@ class Kernel(Protocol):
     def access(self, path: str, mode: int) -> bool: ...
 
 
+@runtime_checkable
+class RemapKernel(Protocol):
+    """A :class:`Kernel` that can retire a mapping without leaving a hole.
+
+    Optional: a kernel whose mappings stay valid after munmap (the simulator's
+    BARs are its own memory) need not offer it.
+    """
+
+    def remap_anonymous(self, addr: int, length: int) -> None:
+        """Replace ``[addr, addr+length)`` atomically with private zero pages.
+
+        The old mapping, and any file reference it held, is gone; the range
+        stays mapped (until munmap), so a racing load or store cannot fault.
+        """
+        ...
+
+
 def _check(ret: int) -> int:
     """Turn a helper's -errno return into OSError."""
     if ret < 0:
@@ -123,6 +140,9 @@ class LinuxKernel:
 
     def munmap(self, addr: int, length: int) -> None:
         _check(lib.vfiopy_munmap(addr, length))
+
+    def remap_anonymous(self, addr: int, length: int) -> None:
+        _check(lib.vfiopy_remap_anonymous(addr, length))
 
     def eventfd(self, initval: int = 0, flags: int = 0) -> int:
         return os.eventfd(initval, flags | EFD_CLOEXEC)
@@ -207,6 +227,7 @@ __all__ = [
     "POLLIN",
     "Kernel",
     "LinuxKernel",
+    "RemapKernel",
     "default_kernel",
     "set_default_kernel",
 ]

@@ -12,6 +12,7 @@ the reset that comes with it, waits for the last munmap.  So every
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from vfiopy._uapi import (
     lib,
 )
 from vfiopy.errors import DeviceInfoError, RegionError, raise_as
-from vfiopy.kernel import Kernel
+from vfiopy.kernel import Kernel, RemapKernel
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,9 @@ class Mapping(Closable):
     Offsets are region offsets (so a BAR register keeps its datasheet
     offset whichever sparse area it falls in).  Each ``readN``/``writeN``
     is exactly one access of that width, bounds- and alignment-checked.
+
+    Safe to close while other threads access it: an access that passed its
+    check just before the close reads 0 or writes nowhere, never faults.
     """
 
     __slots__ = (
@@ -233,6 +237,7 @@ class Mapping(Closable):
         "_r16",
         "_r32",
         "_r64",
+        "_reserved",
         "_w8",
         "_w16",
         "_w32",
@@ -253,6 +258,7 @@ class Mapping(Closable):
     _w64: Callable[[int, int], None]
 
     def __init__(self, region: Region, area: Area) -> None:
+        self._reserved = False  # set by close: the range is ours until __del__
         flags = region.flags
         prot = (PROT_READ if flags & RegionFlag.READ else 0) | (
             PROT_WRITE if flags & RegionFlag.WRITE else 0
@@ -366,14 +372,36 @@ class Mapping(Closable):
             self._w8(self._base + off + i, data[i])
 
     def close(self) -> None:
-        """munmap the area. Idempotent."""
+        """Unmap the area from the device. Idempotent.
+
+        The bounds close first, so new accesses raise.  An access on another
+        thread may have passed its check already and not yet loaded: a
+        plain munmap would leave it a hole to fault on.  So the range is
+        replaced in one step with zero pages (which drops the device file's
+        reference, as munmap would) and only unmapped when this object goes.
+        """
         if self.closed:
             return
         self._set_bounds(0, 0)
         if self in self.region.mappings:
             self.region.mappings.remove(self)
+        kernel = self.region.kernel
         with raise_as(RegionError, self.region.device, "munmap", f"region {self.region.index}"):
-            self.region.kernel.munmap(self.addr, self.size)
+            if isinstance(kernel, RemapKernel):
+                try:
+                    kernel.remap_anonymous(self.addr, self.size)
+                    self._reserved = True
+                    return
+                except OSError:
+                    pass  # unmap after all: the device's release matters more
+            kernel.munmap(self.addr, self.size)
+
+    def __del__(self) -> None:
+        if self._reserved:
+            self._reserved = False
+            # Nothing can raise out of a finaliser; a failure leaves zero pages mapped.
+            with contextlib.suppress(OSError):
+                self.region.kernel.munmap(self.addr, self.size)
 
     def __repr__(self) -> str:
         return f"Mapping(region={self.region.index}, offset={self.offset:#x}, size={self.size:#x})"

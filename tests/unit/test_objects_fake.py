@@ -548,6 +548,7 @@ def test_session_checks_driver_and_shares_groups(k: FakeKernel, vfio: Vfio) -> N
         # The last group stays while a DMA buffer needs the container's IOMMU.
         assert vfio.calls.count("unset_container") == 0
         s.free_dma_buffer(buf)
+        del buf  # its address range goes with the last reference
         assert vfio.calls.count("unset_container") == 1
         assert s.container is not None and s.container.iommu_type is None
         d = s.open_device("01:00.0")
