@@ -10,11 +10,8 @@ application calls ``structlog.configure``, every event follows it.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
-
-import structlog
 
 
 class _Stderr:
@@ -26,25 +23,45 @@ class _Stderr:
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
 
 
-_LAST_RESORT: Any = structlog.wrap_logger(
-    _Stderr(),
-    processors=[
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.dev.ConsoleRenderer(colors=False),
-    ],
-    wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-)
+# structlog (and logging) are imported at the first event, not with vfiopy: structlog imports
+# asyncio and ssl, a large part of a command-line tool's start-up.
+_structlog: Any = None
+_LAST_RESORT: Any = None
+
+
+def _load() -> Any:
+    global _structlog, _LAST_RESORT
+    import logging
+
+    import structlog
+
+    _LAST_RESORT = structlog.wrap_logger(
+        _Stderr(),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
+    _structlog = structlog
+    return structlog
 
 
 class Logger:
     """A module's logger: structlog's for ``name`` once structlog is configured."""
 
     def __init__(self, name: str) -> None:
-        self._configured: Any = structlog.get_logger(name)
+        self._name = name
+        self._configured: Any = None
 
     def _target(self) -> Any:
-        return self._configured if structlog.is_configured() else _LAST_RESORT
+        structlog = _structlog or _load()
+        if not structlog.is_configured():
+            return _LAST_RESORT
+        if self._configured is None:
+            self._configured = structlog.get_logger(self._name)
+        return self._configured
 
     def bind(self, **values: Any) -> Any:
         return self._target().bind(**values)

@@ -10,11 +10,11 @@ import logging
 import sys
 from typing import Any, TextIO
 
-import structlog
-
 
 def configure_cli_logging(level: int = logging.WARNING, stream: TextIO | None = None) -> None:
     """Send structlog events at ``level`` and above to ``stream`` (default stderr)."""
+    import structlog  # here, not above: it imports asyncio, which `--help` need not pay for
+
     out = stream if stream is not None else sys.stderr
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=True)

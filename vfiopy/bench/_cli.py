@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from vfiopy.bench._modes import MODES, Mode, parse_mode
 from vfiopy.bench._progress import Progress
@@ -25,7 +24,9 @@ from vfiopy.bench._report import (
 from vfiopy.bench._results import MmioResult, Sweep
 from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
 from vfiopy.errors import VfioError
-from vfiopy.logsetup import configure_cli_logging
+
+if TYPE_CHECKING:
+    from vfiopy.bench._startup import Startup
 
 KERNEL_MODELS = ("legacy", "devset")
 RESET_MODELS = ("pre-6.3", "current")
@@ -97,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         "--mmio", action="store_true", help="also time a mapped-BAR read32 (ns per call)"
     )
     p.add_argument("--mmio-calls", type=int, default=200_000, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--startup",
+        nargs="?",
+        type=int,
+        const=20,
+        metavar="ROUNDS",
+        help="instead of a sweep, time the start-up of `python -m vfiopy.release --help` and "
+        "`python -m vfiopy.bench --help` against `python -c pass`, as whole processes in "
+        "turn, ROUNDS rounds (default 20); target: 60 ms over the bare interpreter",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every device event")
     return p
 
@@ -163,7 +174,7 @@ def _factory(args: argparse.Namespace) -> tuple[SystemFactory, str]:
     return SimFactory(topology), topology
 
 
-def _write_json(sweep: Sweep, path: str) -> None:
+def _write_json(sweep: Sweep | Startup, path: str) -> None:
     doc = json.dumps(sweep.to_json(), indent=2) + "\n"
     if path == "-":
         sys.stdout.write(doc)
@@ -172,10 +183,30 @@ def _write_json(sweep: Sweep, path: str) -> None:
             f.write(doc)
 
 
+def _startup(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO | None) -> int:
+    """``--startup``: the tools' start-up as whole processes, instead of a sweep."""
+    from vfiopy.bench._startup import measure
+
+    if args.startup < 1:
+        parser.error("--startup needs at least 1 round")
+    startup = measure(args.startup)
+    table_out = out if out is not None else (sys.stderr if args.json == "-" else sys.stdout)
+    print("\n".join(startup.lines()), file=table_out)
+    if args.json:
+        _write_json(startup, args.json)
+    return 0
+
+
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    import logging  # not above: --help imports neither logging nor structlog
+
+    from vfiopy.logsetup import configure_cli_logging
+
     configure_cli_logging(logging.INFO if args.verbose else logging.WARNING)
+    if args.startup is not None:
+        return _startup(args, parser, out)
     try:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:

@@ -28,7 +28,6 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -115,6 +114,8 @@ def mode_exit(system: System) -> Window:
 def mode_procs(system: System) -> Window:
     # Started side by side: each open resets its device, and 2048 VFs in turn
     # would spend minutes in untimed setup.
+    from concurrent.futures import ThreadPoolExecutor  # here: it imports logging
+
     with ThreadPoolExecutor(max_workers=_SETUP_THREADS) as pool:
         children = list(
             pool.map(lambda g: system.start_child(f"bench-procs-{g.group}", [g]), system.groups)

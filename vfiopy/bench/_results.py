@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,10 +114,14 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    import platform  # here and below, not with the benchmark's command line (--help)
+
     return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, Any]:
+    import platform
+
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu_model(),

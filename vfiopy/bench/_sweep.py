@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vfiopy._log import get_logger
+from vfiopy.bench import _vfiopy
 from vfiopy.bench._modes import Mode
 from vfiopy.bench._progress import Progress
 from vfiopy.bench._results import BRINGUP, TEARDOWN, RunResult
@@ -54,6 +55,7 @@ def target_for(mode: Mode, topology: str, lower_bound_s: float) -> float | None:
 
 def run_point(make: SystemFactory, point: Point, time_scale: float) -> RunResult:
     """One measurement on a fresh system; a failure is recorded, not raised."""
+    _vfiopy.load()  # what the modes call, imported before any timed window
     mode = point.mode
     try:
         system = make(point.n_devices, point.kernel_model, point.reset_model, time_scale)

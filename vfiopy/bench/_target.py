@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from vfiopy.kernel import Kernel
 from vfiopy.release._report import max_overlap as _max_overlap
+
+if TYPE_CHECKING:
+    from vfiopy.kernel import Kernel
 
 
 @dataclass(frozen=True, slots=True)

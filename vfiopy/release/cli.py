@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -25,12 +24,7 @@ import anyio.abc
 
 from vfiopy._log import get_logger
 from vfiopy.errors import AddressError
-from vfiopy.kernel import Kernel, default_kernel
-from vfiopy.logsetup import configure_cli_logging, verbosity_level
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
-from vfiopy.release._manager import plan_for, release_addresses
-from vfiopy.release._plan import Plan, UsageError, parse_addresses
-from vfiopy.release._process import VfioFile, parse_signal
 from vfiopy.release._report import (
     SCHEMA,
     DeviceResult,
@@ -39,9 +33,15 @@ from vfiopy.release._report import (
     Status,
     max_overlap,
 )
-from vfiopy.release._takeover import Takeover, guard, planned_report, release_process, take_over
 
+# The kernel's door (the cffi extension), sysfs and the release machinery are imported by the
+# functions that run a release, once the arguments are read: --help and usage errors start
+# without them (README: start-up).
 if TYPE_CHECKING:
+    from vfiopy.kernel import Kernel
+    from vfiopy.release._plan import Plan
+    from vfiopy.release._process import VfioFile
+    from vfiopy.release._takeover import Takeover
     from vfiopy.session import Backend
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(verbose: int, quiet: bool, stream: TextIO) -> None:
     """Events on ``stream`` (stderr); JSON lines carry the per-device events when not on a TTY."""
+    import logging  # here: --help need not import logging (nor structlog)
+
+    from vfiopy.logsetup import configure_cli_logging, verbosity_level
+
     # On a TTY the progress line says what the per-device events would.
     default = logging.WARNING if stream.isatty() else logging.INFO
     configure_cli_logging(verbosity_level(verbose, quiet, default), stream)
@@ -297,6 +301,10 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    from vfiopy.kernel import default_kernel
+    from vfiopy.release._plan import UsageError, parse_addresses
+    from vfiopy.release._process import parse_signal
+
     err = sys.stderr
     configure_logging(args.verbose, args.quiet, err)
     if args.pid is not None and args.addresses and not args.simulate_vmm:
@@ -450,6 +458,8 @@ class _Signals:
 
 
 def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str]) -> int:
+    from vfiopy.release._manager import plan_for, release_addresses
+
     plan = plan_for(kernel, addresses)
     if args.dry_run:
         _print_plan(args, plan, "release")
@@ -469,6 +479,7 @@ def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str
 
 
 def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> int:
+    from vfiopy.release._takeover import guard, planned_report, release_process, take_over
 
     takeover: Takeover = take_over(kernel, pid)
     if not takeover.devices:
