@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
@@ -25,7 +26,7 @@ lib: Any = _lib
 
 CData = Any  # a cffi struct pointer or buffer
 
-PAGE_SIZE = 4096
+PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")  # the host's: 16 KiB or 64 KiB on some arm64
 
 
 class Ioctl:

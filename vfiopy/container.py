@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vfiopy._fdguard import FdGuard
+from vfiopy._log import get_logger
 from vfiopy._uapi import (
     Closable,
     DmaMapFlag,
@@ -39,6 +40,8 @@ from vfiopy.errors import (
     raise_as,
 )
 from vfiopy.kernel import O_RDWR, Kernel, default_kernel
+
+log = get_logger(__name__)
 
 CONTAINER_PATH = "/dev/vfio/vfio"
 _DMA_ADVICE = {
@@ -133,8 +136,15 @@ class Container(Closable):
     def check_extension(self, extension: Extension | int) -> bool:
         return self._ioctl("VFIO_CHECK_EXTENSION", int(extension), error=OpenContainerError) > 0
 
-    def set_iommu(self, iommu_type: IommuType | None = None) -> IommuType:
-        """Set the IOMMU model; by default the best one the kernel offers.
+    def set_iommu(
+        self, iommu_type: IommuType | None = None, *, allow_noiommu: bool = False
+    ) -> IommuType:
+        """Set the IOMMU model; by default the best type1 model the kernel offers.
+
+        The no-IOMMU model leaves the device's DMA unchecked (it can write
+        anywhere in memory), so it is used only when asked for: by
+        ``iommu_type=IommuType.NOIOMMU``, or ``allow_noiommu=True`` as the
+        fallback when there is no type1.  Either way it logs a warning.
 
         Needs a group attached first (the kernel answers EINVAL otherwise).
         Setting it again is a no-op; the kernel would refuse a second model.
@@ -143,18 +153,33 @@ class Container(Closable):
             if self.iommu_type is not None:
                 return self.iommu_type
             if iommu_type is None:
-                for candidate in (IommuType.TYPE1v2, IommuType.TYPE1, IommuType.NOIOMMU):
+                candidates = [IommuType.TYPE1v2, IommuType.TYPE1]
+                if allow_noiommu:
+                    candidates.append(IommuType.NOIOMMU)
+                for candidate in candidates:
                     if self.check_extension(candidate):
                         iommu_type = candidate
                         break
                 else:
+                    noiommu = not allow_noiommu and self.check_extension(IommuType.NOIOMMU)
                     raise SetIommuError(
                         errno.ENODEV,
                         self.path,
-                        detail="the kernel offers no type1 or no-IOMMU model",
-                        advice="load vfio_iommu_type1 (modprobe vfio_iommu_type1) or enable "
-                        "vfio's enable_unsafe_noiommu_mode",
+                        detail="the kernel offers no type1 IOMMU model"
+                        + ("; it offers no-IOMMU mode, which was not allowed" if noiommu else ""),
+                        advice="pass allow_noiommu=True to accept DMA without an IOMMU "
+                        "(unsafe: the device can write anywhere in memory)"
+                        if noiommu
+                        else "load vfio_iommu_type1 (modprobe vfio_iommu_type1), or enable "
+                        "vfio's enable_unsafe_noiommu_mode and pass allow_noiommu=True",
                     )
+            if iommu_type is IommuType.NOIOMMU:
+                log.warning(
+                    "container.noiommu",
+                    container=self.path,
+                    detail="no-IOMMU mode: the devices' DMA is not isolated or translated; "
+                    "a device can read and write any physical memory",
+                )
             self._ioctl(
                 "VFIO_SET_IOMMU",
                 int(iommu_type),

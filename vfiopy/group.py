@@ -12,6 +12,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from vfiopy._fdguard import FdGuard
+from vfiopy._log import get_logger
 from vfiopy._uapi import Closable, GroupFlag, Struct, ffi, ioctl, open_node
 from vfiopy.errors import (
     GroupNotViableError,
@@ -28,6 +29,8 @@ from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
 
 if TYPE_CHECKING:
     from vfiopy.container import Container
+
+log = get_logger(__name__)
 
 # Drivers that may stay bound in a viable group: they declare
 # driver_managed_dma (vfio-pci and its variants, pci-stub, pcieport).
@@ -53,14 +56,42 @@ def group_path(kernel: Kernel, number: int) -> str:
 
 
 class Group(Closable):
-    """An open VFIO group; use as a context manager or call :meth:`close`."""
+    """An open VFIO group; use as a context manager or call :meth:`close`.
 
-    def __init__(self, number: int, kernel: Kernel | None = None, sysfs: Sysfs | None = None):
+    A no-IOMMU group (``/dev/vfio/noiommu-<n>``: its devices' DMA is not
+    isolated) opens only with ``allow_noiommu=True``, and logs a warning.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        kernel: Kernel | None = None,
+        sysfs: Sysfs | None = None,
+        *,
+        allow_noiommu: bool = False,
+    ):
         self.kernel = kernel if kernel is not None else default_kernel()
         self.sysfs = sysfs if sysfs is not None else Sysfs(self.kernel)
         self.number = int(number)
         self.name = f"group {self.number}"
         self.path = group_path(self.kernel, self.number)
+        self.noiommu = self.path.startswith("/dev/vfio/noiommu-")
+        if self.noiommu and not allow_noiommu:
+            raise OpenGroupError(
+                errno.EPERM,
+                self.name,
+                f"open {self.path}",
+                detail="it is a no-IOMMU group: its devices' DMA is neither isolated nor "
+                "translated",
+                advice="pass allow_noiommu=True (Session(allow_noiommu=True)) to use it anyway",
+            )
+        if self.noiommu:
+            log.warning(
+                "group.noiommu",
+                group=self.number,
+                path=self.path,
+                detail="no-IOMMU group: a device can read and write any physical memory",
+            )
         self.container: Container | None = None
         self.fd = open_node(
             self.kernel,

@@ -12,10 +12,11 @@ device and the step.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from vfiopy._uapi import CData, ffi, lib
 
@@ -107,6 +108,18 @@ def _check(ret: int) -> int:
     return ret
 
 
+def _retry(helper: Callable[..., int], *args: Any) -> int:
+    """Call ``helper`` again while a signal interrupts it (EINTR), as os.* calls do (PEP 475).
+
+    Python's signal handlers run between the attempts, so Ctrl-C still
+    raises KeyboardInterrupt instead of being retried away.
+    """
+    while True:
+        ret = helper(*args)
+        if ret != -errno.EINTR:
+            return _check(ret)
+
+
 class LinuxKernel:
     """:class:`Kernel` backed by the running Linux kernel."""
 
@@ -118,8 +131,8 @@ class LinuxKernel:
 
     def ioctl(self, fd: int, request: int, arg: CData | int = 0) -> int:
         if isinstance(arg, int):
-            return _check(lib.vfiopy_ioctl_int(fd, request, arg))
-        return _check(lib.vfiopy_ioctl_ptr(fd, request, arg))
+            return _retry(lib.vfiopy_ioctl_int, fd, request, arg)
+        return _retry(lib.vfiopy_ioctl_ptr, fd, request, arg)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
@@ -135,14 +148,14 @@ class LinuxKernel:
 
     def mmap(self, fd: int, length: int, offset: int, prot: int, flags: int) -> int:
         out = ffi.new("uintptr_t *")
-        _check(lib.vfiopy_mmap(fd, length, prot, flags, offset, out))
+        _retry(lib.vfiopy_mmap, fd, length, prot, flags, offset, out)
         return int(out[0])
 
     def munmap(self, addr: int, length: int) -> None:
-        _check(lib.vfiopy_munmap(addr, length))
+        _retry(lib.vfiopy_munmap, addr, length)
 
     def remap_anonymous(self, addr: int, length: int) -> None:
-        _check(lib.vfiopy_remap_anonymous(addr, length))
+        _retry(lib.vfiopy_remap_anonymous, addr, length)
 
     def eventfd(self, initval: int = 0, flags: int = 0) -> int:
         return os.eventfd(initval, flags | EFD_CLOEXEC)

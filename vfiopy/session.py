@@ -53,12 +53,21 @@ class Session(Closable):
         kernel: Kernel | None = None,
         backend: Backend = "container",
         sysfs: Sysfs | None = None,
+        *,
+        allow_noiommu: bool = False,
     ) -> None:
+        """Open the DMA space: a container, or an iommufd with one IOAS.
+
+        ``allow_noiommu`` accepts no-IOMMU groups, and the no-IOMMU model when
+        the kernel offers no type1: device DMA then goes unchecked, so each use
+        logs a warning.  Off by default.
+        """
         if backend not in ("container", "iommufd"):
             raise ValueError(f"backend must be 'container' or 'iommufd', not {backend!r}")
         self.kernel = kernel if kernel is not None else default_kernel()
         self.sysfs = sysfs if sysfs is not None else Sysfs(self.kernel)
         self.backend: Backend = backend
+        self.allow_noiommu = allow_noiommu
         self._lock = threading.Lock()
         # Notified whenever an open in flight ends: close waits for them all.
         self._opens_done = threading.Condition(self._lock)
@@ -180,12 +189,12 @@ class Session(Closable):
             with slot.lock:
                 group = slot.group
                 if group is None:
-                    group = Group(number, self.kernel, self.sysfs)
+                    group = Group(number, self.kernel, self.sysfs, allow_noiommu=self.allow_noiommu)
                     try:
                         group.set_container(self._container())
                         # The container takes an IOMMU model only once a group
                         # is attached; set_iommu is a no-op after the first.
-                        self._container().set_iommu()
+                        self._container().set_iommu(allow_noiommu=self.allow_noiommu)
                     except BaseException:
                         group.close()
                         raise
