@@ -25,16 +25,13 @@ from vfiopy.errors import (
     raise_as,
 )
 from vfiopy.kernel import O_RDWR, Kernel, default_kernel
-from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
+from vfiopy.sysfs import PciAddress, Sysfs
 
 if TYPE_CHECKING:
     from vfiopy.container import Container
 
 log = get_logger(__name__)
 
-# Drivers that may stay bound in a viable group: they declare
-# driver_managed_dma (vfio-pci and its variants, pci-stub, pcieport).
-_DMA_SAFE_DRIVERS = frozenset({VFIO_DRIVER, "pci-stub", "pcieport"})
 _OPEN_ADVICE = {
     errno.EBUSY: "another process has the group open (see fuser /dev/vfio/*); a group "
     "can be open once",
@@ -136,9 +133,10 @@ class Group(Closable):
             members = self.members()
         except SysfsError:
             members = []
-        blockers = [
-            f"{a} ({d})" for a, d in members if d is not None and d not in _DMA_SAFE_DRIVERS
-        ]
+        from vfiopy.kmodel import KernelModel
+
+        model = KernelModel(self.sysfs)
+        blockers = [f"{a} ({d})" for a, d in members if not model.keeps_group_viable(a)]
         listing = ", ".join(f"{a} ({d or 'no driver'})" for a, d in members) or "unknown"
         detail = f"devices: {listing}"
         if blockers:

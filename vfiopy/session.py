@@ -28,6 +28,7 @@ from vfiopy.errors import DmaMapError, OpenDeviceError, ReleaseError, VfioError
 from vfiopy.group import Group
 from vfiopy.iommufd import Iommufd
 from vfiopy.kernel import Kernel, default_kernel
+from vfiopy.kmodel import KernelModel
 from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
 
 log = get_logger(__name__)
@@ -115,7 +116,7 @@ class Session(Closable):
                 advice="the device is gone or the address is wrong; check lspci -D",
             )
         driver = self.sysfs.driver(addr)
-        if driver != VFIO_DRIVER:
+        if driver != VFIO_DRIVER and not KernelModel(self.sysfs).is_vfio_driver(driver):
             raise OpenDeviceError(
                 errno.ENODEV,
                 name,

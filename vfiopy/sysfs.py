@@ -23,8 +23,6 @@ _ADDRESS_RE = re.compile(
     r"(?P<slot>[0-9a-fA-F]{2})\.(?P<function>[0-7])"
 )
 _RESET_METHOD_RE = re.compile(r"[a-z][a-z0-9_]*")
-# Reset methods that reset more than the function (pci_reset_fn_methods[]).
-_BUS_RESETS = frozenset({"bus", "cxl_bus"})
 VFIO_DRIVER = "vfio-pci"
 
 
@@ -328,10 +326,6 @@ class Sysfs:
         # reset_method_store() treats an empty (newline-only) write as "none".
         self.write(addr, "reset_method", " ".join(methods) or "\n")
 
-    def has_function_reset(self, addr: PciAddress | str) -> bool:
-        """Whether a reset of this function alone is possible (FLR, PM, ...)."""
-        return any(m not in _BUS_RESETS for m in self.reset_methods(addr))
-
     def is_virtfn(self, addr: PciAddress | str) -> bool:
         """Whether the device is an SR-IOV VF (it has a physfn link)."""
         return self.kernel.exists(self.path(addr, "physfn"))
@@ -339,45 +333,15 @@ class Sysfs:
     def is_bridge(self, addr: PciAddress | str) -> bool:
         return self.class_code(addr) >> 8 == 0x0604
 
-    def reset_domain(self, addr: PciAddress | str) -> list[PciAddress]:
-        """The devices a reset of ``addr`` can touch, sorted.
+    def reset_domain(
+        self, addr: PciAddress | str, version: tuple[int, int] | None = None
+    ) -> list[PciAddress]:
+        """The functions ``addr``'s device set can touch, sorted: its vfio-pci members
+        and what its bus or slot reset would hit, as :mod:`vfiopy.kmodel` predicts
+        for ``version`` (default: the running kernel)."""
+        from vfiopy.kmodel import KernelModel
 
-        No bus reset reaches a VF (no bridge above its virtual bus) or a
-        root-bus device, so they reset alone (vfio-pci gives them device sets
-        of their own; VFs shared the bus's set, a lock only, before a 2025 fix).  A
-        device alone on its bus with a function reset resets alone; else the
-        close path (vfio_pci_dev_set_try_reset) may bus-reset, which hits
-        every function on the bus and everything below the bridges on it.
-        """
-        a = PciAddress.of(addr)
-        if self.is_virtfn(a) or self.parent_bridge(a) is None:
-            return [a]
-        bus = self.bus_devices(a)
-        if bus == [a] and self.has_function_reset(a):
-            return [a]
-        bridges = []
-        for d in bus:
-            try:
-                if self.is_bridge(d):
-                    bridges.append(d)
-            except SysfsError:
-                continue  # vanished since the listing
-        if not bridges:
-            return bus
-        return sorted(set(bus) | set(self._below(bridges)))
-
-    def _below(self, bridges: list[PciAddress]) -> list[PciAddress]:
-        """Devices whose sysfs path passes through one of ``bridges``."""
-        names = {str(b) for b in bridges}
-        found = []
-        for d in self.devices():
-            try:
-                target = self.kernel.readlink(self.path(d))
-            except OSError:
-                continue  # vanished since the listing: nothing left to reset
-            if names.intersection(target.split("/")[:-1]):
-                found.append(d)
-        return found
+        return KernelModel(self, version).device_set(addr).touched
 
     # --- SR-IOV ------------------------------------------------------------------
     def sriov_totalvfs(self, addr: PciAddress | str) -> int:

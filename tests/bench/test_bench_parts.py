@@ -1,4 +1,4 @@
-"""The benchmark's pieces that need no simulator: overlap, cost model, progress, child."""
+"""The benchmark's pieces that need no simulator: overlap, bound, progress, child."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from vfiopy.bench import _child, _progress
-from vfiopy.bench._costs import FunctionModel, kernel_at_least, model_costs
 from vfiopy.bench._results import RunResult
-from vfiopy.bench._target import ResetEvent, max_overlap
+from vfiopy.bench._target import Costs, ResetEvent, max_overlap
+from vfiopy.kmodel import parse_release
 
 
 def ev(start: float, end: float) -> ResetEvent:
@@ -25,46 +25,18 @@ def test_max_overlap() -> None:
     assert max_overlap([ev(0, 2), ev(1, 3), ev(1.5, 1.6)]) == 3
 
 
-def test_costs_gpu_sets_need_one_bus_reset_each() -> None:
-    # GPU + audio on one bus, bus reset only: no function reset works.
-    fns = [
-        FunctionModel(f"0000:0{i}:00.{f}", f"bus:{i}", ("bus",), alone_on_bus=False)
-        for i in range(1, 4)
-        for f in (0, 1)
-    ]
-    costs = model_costs(fns, lambda f, m: 99.0, lambda s: 1.0)
-    assert costs.teardown == {"bus:1": 1.0, "bus:2": 1.0, "bus:3": 1.0}
-    assert costs.bringup == {"bus:1": 0.0, "bus:2": 0.0, "bus:3": 0.0}
-    assert (costs.teardown_resets, costs.bringup_resets) == (3, 0)
+def test_lower_bound_is_the_longest_set_or_all_of_them_under_one_lock() -> None:
+    costs = Costs({"a": 1.0, "b": 0.5}, {}, 2, 0)
     assert costs.lower_bound(costs.teardown, serialised=False) == 1.0
-    assert costs.lower_bound(costs.teardown, serialised=True) == 3.0
+    assert costs.lower_bound(costs.teardown, serialised=True) == 1.5
+    assert costs.lower_bound({}, serialised=False) == 0.0
 
 
-def test_costs_flr_devices_reset_at_open_and_close_serially_in_a_set() -> None:
-    fns = [FunctionModel(f"a{i}", "shared", ("flr", "bus"), alone_on_bus=False) for i in range(2)]
-    costs = model_costs(fns, lambda f, m: {"flr": 0.1}[m], lambda s: None)
-    assert costs.teardown == {"shared": pytest.approx(0.2)}
-    assert costs.bringup == {"shared": pytest.approx(0.2)}
-    assert (costs.teardown_resets, costs.bringup_resets) == (2, 2)
-
-
-def test_costs_set_the_kernel_cannot_reset_gets_no_bus_reset() -> None:
-    fns = [FunctionModel("a", "s", (), alone_on_bus=False)]
-    costs = model_costs(fns, lambda f, m: 0.0, lambda s: None)
-    assert costs.teardown == {"s": 0.0} and costs.teardown_resets == 0
-
-
-def test_bus_method_counts_as_function_reset_only_alone_on_the_bus() -> None:
-    assert FunctionModel("a", "s", ("bus",), alone_on_bus=True).function_reset == "bus"
-    assert FunctionModel("a", "s", ("bus",), alone_on_bus=False).function_reset is None
-    assert FunctionModel("a", "s", ("bus", "pm"), alone_on_bus=False).function_reset == "pm"
-
-
-def test_kernel_versions() -> None:
-    assert kernel_at_least("6.1.0-18-amd64", (5, 0))
-    assert not kernel_at_least("6.1.0-18-amd64", (6, 3))
-    assert kernel_at_least("6.3.0", (6, 3))
-    assert not kernel_at_least("4.19.0-rc1", (5, 0))
+def test_kernel_releases() -> None:
+    assert parse_release("6.1.0-18-amd64") == (6, 1)
+    assert parse_release("4.19.0-rc1") == (4, 19)
+    assert parse_release("6.18.44-fc-v657\n") == (6, 18)
+    assert parse_release("linux") is None
 
 
 def test_ratio_and_target() -> None:

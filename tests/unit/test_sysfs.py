@@ -113,11 +113,13 @@ def test_topology_and_reset_domains() -> None:
     assert [str(d) for d in s.reset_domain("03:00.0")] == ["0000:03:00.0"]
     # Shares the bus: both functions.
     assert len(s.reset_domain("01:00.0")) == 2
-    # Root-bus devices and VFs have device sets of their own.
+    # Root-bus devices have device sets of their own; VFs too from Linux 6.17, and
+    # before that they share their bus's set (and its lock) with the PF.
     assert [str(d) for d in s.reset_domain("00:01.0")] == ["0000:00:01.0"]
     k = _tree()
     k.links["/sys/bus/pci/devices/0000:01:00.1/physfn"] = "../0000:01:00.0"
-    assert [str(d) for d in Sysfs(k).reset_domain("01:00.1")] == ["0000:01:00.1"]
+    assert [str(d) for d in Sysfs(k).reset_domain("01:00.1", (6, 17))] == ["0000:01:00.1"]
+    assert len(Sysfs(k).reset_domain("01:00.1", (6, 16))) == 2
     # A bridge on the bus: what sits below it is reset too.
     assert [str(d) for d in s.reset_domain("05:00.0")] == [
         "0000:05:00.0",

@@ -154,7 +154,10 @@ class Device:
         return tuple(methods)
 
     def alone_on_bus(self) -> bool:
+        # pci_parent_bus_reset: no other function on the bus, bridges included.
         if self.bridge is None or self.is_vf:
+            return False
+        if self.machine.bridges_on(self.bridge):
             return False
         return all(d is self or d.removed for d in self.bridge.children)
 
@@ -663,11 +666,29 @@ class Machine:
             dev.reset_lock.release()
         return True
 
+    def bridges_on(self, bridge: Bridge) -> list[Bridge]:
+        """The bridges on ``bridge``'s secondary bus."""
+        return [b for b in self.bridges.values() if split_addr(b.addr)[1] == bridge.spec.secondary]
+
     def bus_devices(self, dev: Device) -> list[Device]:
-        """Devices a bus/slot reset of ``dev``'s parent bridge would hit."""
+        """Devices a bus/slot reset of ``dev``'s parent bridge would hit.
+
+        pci_bus_reset resets the secondary bus and, through the bridges on it,
+        everything below them (their subordinate bus range).
+        """
         if dev.bridge is None or dev.is_vf:
             return [dev]
-        return [d for d in dev.bridge.children if not d.removed]
+        below = [
+            range(b.spec.secondary, b.spec.subordinate + 1) for b in self.bridges_on(dev.bridge)
+        ]
+        return [
+            d
+            for d in self.devices.values()
+            if not d.removed
+            and (
+                d.bridge is dev.bridge or (d.bridge is not None and any(d.bus in r for r in below))
+            )
+        ]
 
     def can_bus_reset(self, dev: Device) -> bool:
         # pci_probe_reset_bus(): needs a parent bridge (not a root bus), not a VF
@@ -679,6 +700,10 @@ class Machine:
             return None
         first = ds.devices[0]
         if not self.can_bus_reset(first):
+            return None
+        # vfio_pci_for_each_slot_or_bus walks every function below the bridge,
+        # bridges included; a bridge is never in a vfio device set.
+        if first.bridge is not None and self.bridges_on(first.bridge):
             return None
         members = set(ds.devices)
         for d in self.bus_devices(first):

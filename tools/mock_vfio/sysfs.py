@@ -667,7 +667,16 @@ def _lookup_proc(proc: SimProcess, p: list[str]) -> Node | None:
     m = proc.machine
     n = len(p)
     if n == 0:
-        return Dir(lambda: ["self", *(str(x.pid) for x in m.processes)])
+        return Dir(lambda: ["self", "sys", *(str(x.pid) for x in m.processes)])
+    if p[0] == "sys":
+        # uname -r of the modelled kernel, as distributions number theirs
+        tree = {("sys",): ["kernel"], ("sys", "kernel"): ["osrelease"]}
+        if tuple(p) in tree:
+            return Dir(tree[tuple(p)])
+        if p == ["sys", "kernel", "osrelease"]:
+            major, minor = m.kernel_version
+            return Attr(_const(f"{major}.{minor}.0-mock\n"))
+        return None
     if p[0] == "self":
         return Link(str(proc.pid)) if n == 1 else None
     if not p[0].isdigit():

@@ -23,19 +23,13 @@ from pathlib import Path
 from types import ModuleType
 
 from vfiopy._uapi import Ioctl, IommuType
-from vfiopy.bench._costs import (
-    BUS_CURRENT_MIN_S,
-    BUS_PRE_6_3_S,
-    NOMINAL_METHOD_S,
-    FunctionModel,
-    kernel_at_least,
-    model_costs,
-)
+from vfiopy.bench._costs import model_costs
 from vfiopy.bench._target import Costs, Group, ResetEvent
 from vfiopy.errors import VfioError
 from vfiopy.kernel import Kernel, LinuxKernel
+from vfiopy.kmodel import KernelModel
 from vfiopy.release._plan import domain_id
-from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
+from vfiopy.sysfs import PciAddress, Sysfs
 
 CHILD_SCRIPT = Path(__file__).with_name("_child.py")
 # The guest tier runs children with the distribution's interpreter; elsewhere
@@ -103,29 +97,17 @@ class RealSystem:
         self._cleanup: list[Callable[[], None]] = []
         sysfs = Sysfs(self.kernel)
         groups: dict[str, Group] = {}
-        models: list[FunctionModel] = []
+        self.model = KernelModel(sysfs)
         for text in addresses:
             a = PciAddress.parse(text)
-            if sysfs.driver(a) != VFIO_DRIVER:
+            if not self.model.is_vfio_driver(sysfs.driver(a)):
                 raise ValueError(f"{a}: not bound to vfio-pci; bind it first (driverctl)")
-            members = sysfs.reset_domain(a)
-            domain = domain_id(members, a)
+            domain = domain_id(self.model.device_set(a).touched, a)
             group = str(sysfs.iommu_group(a))
             groups.setdefault(group, Group(group, domain)).devices.append(str(a))
-            models.append(
-                FunctionModel(
-                    str(a), domain, tuple(sysfs.reset_methods(a)), sysfs.bus_devices(a) == [a]
-                )
-            )
         chosen = list(groups.values())[:n] if n else list(groups.values())
         self.groups = chosen
-        wanted = {d for g in chosen for d in g.devices}
-        bus_s = BUS_CURRENT_MIN_S if kernel_at_least(platform.release(), (6, 3)) else BUS_PRE_6_3_S
-        self.costs: Costs = model_costs(
-            [f for f in models if f.address in wanted],
-            lambda _f, m: NOMINAL_METHOD_S.get(m, bus_s),
-            lambda _s: bus_s,
-        )
+        self.costs: Costs = model_costs(self.model, [d for g in chosen for d in g.devices])
         self._trace = _guest_trace()
         if self._trace is not None:
             try:
@@ -135,7 +117,7 @@ class RealSystem:
 
     @property
     def serialised(self) -> bool:
-        return not kernel_at_least(platform.release(), (5, 0))
+        return self.model.serialised
 
     def start_child(self, name: str, groups: Sequence[Group]) -> RealChild:
         return RealChild(name, groups)

@@ -4,8 +4,8 @@ Each run gets a fresh :class:`mock_vfio.machine.Machine`: resets are real
 sleeps and locks are real locks, so what a mode gains from concurrency is
 measured.  ``gpus:N``, ``vfs:N`` and ``nvme:N`` are rebuilt with the sweep's
 N; another topology is built whole and the run takes its first N IOMMU groups.
-The lower bound reads the machine's own cost model (reset method per device,
-device sets, bus reset delay per reset model) before anything runs.
+The lower bound is :mod:`vfiopy.kmodel`'s prediction for the machine's kernel
+version and models, read from its sysfs before anything runs.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from types import ModuleType
 from typing import Any
 
 from vfiopy.bench import _vfiopy
-from vfiopy.bench._costs import FunctionModel, model_costs
+from vfiopy.bench._costs import model_costs
 from vfiopy.bench._target import Costs, Group, ResetEvent
 from vfiopy.kernel import Kernel
+from vfiopy.kmodel import KernelModel
+from vfiopy.sysfs import Sysfs
 
 PARAMETRIC = ("gpus", "vfs", "nvme")
 
@@ -72,7 +74,6 @@ class SimSystem:
         self.time_scale = time_scale
         machine, topology, trace = _simulator()
         self._now: Callable[[], float] = trace.now
-        self._method_cost: dict[str, float] = {"flr": machine.FLR_COST, "pm": machine.PM_COST}
         self.machine: Any = machine.Machine(
             topology.load_topology(self.topology),
             kernel_model=kernel_model,
@@ -101,27 +102,13 @@ class SimSystem:
 
     def _costs(self) -> Costs:
         m = self.machine
-        functions = []
-        for g in self.groups:
-            for addr in g.devices:
-                dev = m.device(addr)
-                method = dev.function_reset_method()
-                functions.append(
-                    FunctionModel(addr, g.domain, (method,) if method else (), alone_on_bus=True)
-                )
-
-        def method_cost(f: FunctionModel, method: str) -> float:
-            if method in self._method_cost:
-                return self._method_cost[method]
-            return float(m.bus_reset_cost(m.device(f.address).bridge))
-
-        def bus_cost(devset: str) -> float | None:
-            ds = m.devsets[devset]
-            if m.devset_resettable(ds) is None:
-                return None  # the kernel cannot reset the set: no bus reset at close
-            return float(m.bus_reset_cost(ds.bridge))
-
-        return model_costs(functions, method_cost, bus_cost)
+        model = KernelModel(
+            Sysfs(self.kernel),
+            m.kernel_version,
+            serialised=self.kernel_model == "legacy",
+            link_delays=self.reset_model == "current",
+        )
+        return model_costs(model, [d for g in self.groups for d in g.devices])
 
     @property
     def serialised(self) -> bool:

@@ -49,10 +49,8 @@ class AcquireError(VfioError):
 
 
 def reset_kind(d: Domain, i: int) -> str | None:
-    """Which reset the kernel runs as the i-th of a domain's devices is closed."""
-    if i != len(d.devices) - 1:
-        return None
-    return "bus" if len(d.members) > 1 else "function"
+    """The resets the kernel runs as the i-th of a domain's devices is closed (the model's)."""
+    return d.reset_kind(i)
 
 
 def plan_for(kernel: Kernel, addresses: Sequence[str]) -> Plan:
@@ -329,7 +327,7 @@ async def reset(
     jobs = []
     for d in plan.domains:
         devs = [by_addr[a] for a in d.devices]
-        kind = "function" if len(d.members) == 1 else "bus"
+        kind = "function" if d.function_reset else "bus"
         results = [DeviceResult(a, d.id) for a in d.devices]
         jobs.append(
             DomainJob(
@@ -449,4 +447,7 @@ async def release_addresses(
 
 def _only(d: Domain, opened: dict[str, Device]) -> Domain:
     keep = [a for a in d.devices if a in opened]
+    if keep == d.devices:
+        return d
+    # Some opens failed: the predicted closes were for the whole list, so none are kept.
     return Domain(d.id, keep, d.members, d.host_bound, d.foreign)

@@ -1,14 +1,12 @@
 """Group devices by reset domain and refuse what we must not touch.
 
-A reset domain is what one reset can hit (sysfs ``Sysfs.reset_domain``):
-the function alone when it has a function reset and no neighbour on its
-bus, otherwise its bus (and everything below bridges on it), which is the
-kernel's device set.  The kernel bus-resets a device set when the last of its
-vfio-pci devices closes, so a domain holding a vfio-pci device that is not
-ours would be reset behind its owner's back: refused here, before anything
-is opened.  A neighbour bound to a host driver is safe: the kernel will not
-bus-reset a set it cannot own whole (vfio_pci_dev_set_resettable), and the
-close then resets only our functions.
+A reset domain is what a device's set can touch: the kernel's device set and
+what its bus or slot reset would hit, as :mod:`vfiopy.kmodel` predicts for
+the kernel's version, which also says which resets each close will run.  A
+domain whose predicted resets would hit a vfio-pci device that is not ours
+(reset behind its owner's back) is refused here, before anything is opened.
+A neighbour bound to a host driver is safe: the kernel will not bus-reset a
+set it cannot own whole, and the model predicts only function resets there.
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ from dataclasses import dataclass, field
 
 from vfiopy.errors import AddressError, GroupNotViableError, SysfsError, VfioError
 from vfiopy.kernel import Kernel
-from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
-
-# Drivers that leave an IOMMU group viable (vfio_group_viable/vfio_dev_driver_allowed).
-_VIABLE_DRIVERS = frozenset({None, VFIO_DRIVER, "pci-stub", "pcieport"})
+from vfiopy.kmodel import KernelModel, KernelVersion, Reset, label
+from vfiopy.sysfs import PciAddress, Sysfs
 
 
 class PlanError(VfioError):
@@ -46,6 +42,10 @@ class Domain:
     members: list[str]
     host_bound: list[tuple[str, str]] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    # The model's resets of each close, in ``devices`` order (make_plan fills them).
+    closes: list[list[Reset]] = field(default_factory=list)
+    # Whether a reset between boots resets the one device alone (VFIO_DEVICE_RESET).
+    function_reset: bool = False
 
     @property
     def whole(self) -> bool:
@@ -53,9 +53,19 @@ class Domain:
         return not self.host_bound and not self.foreign
 
     @property
-    def release_resets(self) -> int | None:
-        """Resets the kernel runs when our last fd of the set closes (None: its choice)."""
-        return 1 if self.whole else None
+    def release_resets(self) -> int:
+        """Resets the kernel runs as the domain's devices are closed in order (predicted)."""
+        return sum(len(c) for c in self.closes)
+
+    @property
+    def also_reset(self) -> list[str]:
+        """Functions not ours (idle vfio-pci ones) that the predicted resets hit."""
+        hit = {str(t) for c in self.closes for r in c for t in r.targets}
+        return [a for a in self.foreign if a in hit]
+
+    def reset_kind(self, i: int) -> str | None:
+        """The resets the i-th close runs (``flr``, ``flr+bus``, ...), for logs."""
+        return label(self.closes[i]) if i < len(self.closes) else None
 
 
 @dataclass(slots=True)
@@ -79,15 +89,12 @@ class Plan:
             resets = d.release_resets if action == "release" else 1
             note = (
                 ""
-                if d.whole
+                if not d.host_bound
                 else " (host-bound neighbours: "
                 + ", ".join(f"{a} [{drv}]" for a, drv in d.host_bound)
                 + "; function resets only)"
             )
-            lines.append(
-                f"  domain {d.id}: {' '.join(d.devices)}  resets: "
-                f"{'?' if resets is None else resets}{note}"
-            )
+            lines.append(f"  domain {d.id}: {' '.join(d.devices)}  resets: {resets}{note}")
         return lines
 
 
@@ -128,6 +135,7 @@ def make_plan(
     holders: dict[str, list[int]] | None = None,
     me: int | None = None,
     strict: bool = True,
+    version: KernelVersion | None = None,
 ) -> Plan:
     """The reset domains of ``addresses``, after checking each can be taken safely.
 
@@ -135,12 +143,14 @@ def make_plan(
     :class:`PlanError` (or :class:`GroupNotViableError`) for a device that is
     not bound to vfio-pci, sits in a non-viable group, is held by another
     process (``holders``: address -> pids, ``me`` excepted), or shares its
-    reset domain with a vfio-pci device that was not asked for.  With
-    ``strict`` off (a release of fds already held, which closes them whatever
-    the plan says) nothing raises: such a device is only noted in
-    ``Domain.foreign``, and a device gone from sysfs gets a domain of its own.
+    reset domain with a vfio-pci device that was not asked for and that the
+    predicted resets would hit.  With ``strict`` off (a release of fds already
+    held, which closes them whatever the plan says) nothing raises: such a
+    device is only noted in ``Domain.foreign``, and a device gone from sysfs
+    gets a domain of its own.  ``version`` is the kernel's (default: running).
     """
     sysfs = _ListingCache(kernel)
+    model = KernelModel(sysfs, version)
     addrs = [a if isinstance(a, PciAddress) else PciAddress.parse(a) for a in addresses]
     wanted = {str(a) for a in addrs}
     for a in addrs:
@@ -157,12 +167,12 @@ def make_plan(
     for a in addrs:
         s = str(a)
         if check_driver:
-            _check_vfio(sysfs, a, holders or {}, me)
+            _check_vfio(model, a, holders or {}, me)
         if s in by_member:
             by_member[s].devices.append(s)
             continue
         try:
-            members = sysfs.reset_domain(a)
+            members = model.device_set(a).touched
         except SysfsError as exc:
             if not strict:
                 # Removed mid-life: its fd still closes, and resets nothing else.
@@ -176,56 +186,49 @@ def make_plan(
         for m in members:
             ms = str(m)
             by_member[ms] = d
-            if ms in wanted:
-                continue
-            drv = _driver(sysfs, m)
-            if drv == VFIO_DRIVER and not strict:
+            f = model.function(m)
+            if ms in wanted or f is None or f.driver is None:
+                continue  # ours, or gone since the listing, or idle without a driver
+            if f.vfio:
                 d.foreign.append(ms)
-            elif drv == VFIO_DRIVER:
-                raise PlanError(
-                    errno.EPERM,
-                    s,
-                    "check reset domain",
-                    detail=f"its reset domain {d.id} also holds {ms} (bound to vfio-pci), "
-                    "which was not asked for: the set's bus reset would reset it too",
-                    advice=f"add {ms} to the request if it is yours, or leave the whole "
-                    "domain to its owner",
-                )
-            if drv is not None and not _is_bridge(sysfs, m):
-                d.host_bound.append((ms, drv))
+            elif not f.is_bridge:
+                d.host_bound.append((ms, f.driver))
         domains.append(d)
+    for d in domains:
+        d.closes = [step for _, step in model.close_steps(d.devices)]
+        d.function_reset = len(d.members) == 1 and model.function_reset(d.devices[0]) is not None
+        hit = d.also_reset
+        if strict and hit:
+            raise PlanError(
+                errno.EPERM,
+                d.devices[0],
+                "check reset domain",
+                detail=f"its reset domain {d.id} also holds {hit[0]} (bound to vfio-pci), "
+                "which was not asked for: the set's bus reset would reset it too",
+                advice=f"add {hit[0]} to the request if it is yours, or leave the whole "
+                "domain to its owner",
+            )
     return Plan(domains)
 
 
-def _driver(sysfs: Sysfs, a: PciAddress) -> str | None:
-    try:
-        return sysfs.driver(a)
-    except SysfsError:
-        return None  # gone since the listing: nothing of it left to reset
-
-
-def _is_bridge(sysfs: Sysfs, a: PciAddress) -> bool:
-    try:
-        return sysfs.class_code(a) >> 16 == 0x06
-    except SysfsError:
-        return False
-
-
-def _check_vfio(sysfs: Sysfs, a: PciAddress, holders: dict[str, list[int]], me: int | None) -> None:
+def _check_vfio(
+    model: KernelModel, a: PciAddress, holders: dict[str, list[int]], me: int | None
+) -> None:
     s = str(a)
+    sysfs = model.sysfs
     drv = sysfs.driver(a)
-    if drv != VFIO_DRIVER:
+    if not model.is_vfio_driver(drv):
         raise PlanError(
             errno.ENODEV if drv is None else errno.EBUSY,
             s,
             "check driver",
-            detail=f"bound to {drv or 'no driver'}, not vfio-pci",
+            detail=f"bound to {drv or 'no driver'}, not vfio-pci or a vfio-pci variant driver",
             advice=f"bind it first (driverctl set-override {s} vfio-pci), or leave it out",
         )
     group = sysfs.iommu_group(a)
     for other in sysfs.group_devices(group):
-        odrv = _driver(sysfs, other)
-        if odrv not in _VIABLE_DRIVERS:
+        if not model.keeps_group_viable(other):
+            odrv = (f := model.function(other)) and f.driver
             raise GroupNotViableError(
                 errno.EPERM,
                 s,

@@ -24,6 +24,7 @@ import anyio.to_thread
 from vfiopy._log import get_logger
 from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
+from vfiopy.kmodel import label as reset_label
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
 from vfiopy.release._plan import Plan, UsageError, make_plan
 from vfiopy.release._process import (
@@ -71,7 +72,7 @@ class Takeover:
 
     def also_reset(self) -> dict[str, list[str]]:
         """Domain -> idle vfio-pci functions the process does not hold that its reset hits."""
-        return {d.id: list(d.foreign) for d in self.plan.domains if d.foreign}
+        return {d.id: d.also_reset for d in self.plan.domains if d.also_reset}
 
     def drop(self) -> None:
         """Give back our references (the process keeps its own); idempotent."""
@@ -90,8 +91,9 @@ def plan_files(kernel: Kernel, files: list[VfioFile]) -> Plan:
     """Reset domains of the devices held (identified, and every candidate of the rest).
 
     Not strict: the files close whatever the plan says.  A vfio-pci function of
-    a domain that the process does not hold lands in ``Domain.foreign``: the
-    set's reset hits it, as the process's own exit would.
+    a domain that the process does not hold lands in ``Domain.foreign``, and in
+    ``Domain.also_reset`` when the predicted resets hit it, as the process's own
+    exit would.
     """
     addresses: list[str] = []
     for f in files:
@@ -338,11 +340,18 @@ def _jobs(
         if not fs:
             continue
         steps = [Step([_result(t, f, d.id)], closer(t.kernel, f)) for f in fs]
-        steps[-1].reset = "bus" if len(d.members) > 1 else "function"
-        resets = None if d.host_bound else 1
+        # The model predicted the closes of d.devices in order; the files close in
+        # that order when each names its device, else the set's resets come last.
+        if [f.address for f in fs] == d.devices:
+            for i, step in enumerate(steps):
+                step.reset = d.reset_kind(i)
+        else:
+            steps[-1].reset = reset_label([r for c in d.closes for r in c])
         jobs.append(
             DomainJob(
-                DomainResult(d.id, [t.label(f) for f in fs], resets, also_reset=list(d.foreign)),
+                DomainResult(
+                    d.id, [t.label(f) for f in fs], d.release_resets, also_reset=d.also_reset
+                ),
                 steps,
             )
         )
