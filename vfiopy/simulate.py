@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from mock_vfio import Machine
 
 
+NO_TOPOLOGY = (
+    "--simulate needs a topology such as gpus:8 (python -m mock_vfio list); "
+    "an empty one would act on this machine's real devices"
+)
+
+
 @dataclass(frozen=True)
 class SimSpec:
     """A simulation spec with every default applied."""

@@ -211,6 +211,10 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:
         parser.error(str(exc))
+    if args.simulate is not None and not args.simulate.strip():
+        from vfiopy.simulate import NO_TOPOLOGY
+
+        parser.error(NO_TOPOLOGY)
     if args.simulate and "," in args.simulate:
         _apply_spec_options(args, parser)
     if args.time_scale < 0:

@@ -307,6 +307,10 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
 
     err = sys.stderr
     configure_logging(args.verbose, args.quiet, err)
+    if args.simulate is not None and not args.simulate.strip():
+        from vfiopy.simulate import NO_TOPOLOGY
+
+        return _usage(NO_TOPOLOGY)
     if args.pid is not None and args.addresses and not args.simulate_vmm:
         return _usage("give device addresses or --pid, not both")
     if args.simulate_vmm and not args.simulate:
