@@ -2,7 +2,8 @@
 
 ``VFIOPY_SIMULATE=gpus:8`` makes :func:`vfiopy.kernel.default_kernel` use it.
 The spec is a topology (a name, ``gpus:N``, ``vfs:N``, ``nvme:N`` or a TOML
-path), optionally followed by ``,version=X.Y``, ``,kernel=devset|legacy``,
+path), optionally followed by ``,version=X.Y``, ``,kernel=X.Y`` (the same;
+``kernel=devset|legacy`` names a locking model instead),
 ``,reset=pre-6.3|current`` and ``,scale=F``; the environment variables
 ``VFIOPY_SIM_KERNEL_VERSION`` (default 6.1), ``VFIOPY_SIM_KERNEL_MODEL``,
 ``VFIOPY_SIM_RESET_MODEL`` and ``VFIOPY_SIM_TIME_SCALE`` give the defaults.
@@ -49,6 +50,7 @@ def parse_spec(spec: str) -> SimSpec:
         DEFAULT_KERNEL_VERSION,
         default_kernel_model,
         default_reset_model,
+        is_version,
         parse_version,
     )
 
@@ -58,7 +60,8 @@ def parse_spec(spec: str) -> SimSpec:
         key, _, val = opt.partition("=")
         if key not in ("version", "kernel", "reset", "scale"):
             raise ValueError(f"unknown simulation option {opt!r} in {spec!r}")
-        given[key] = val
+        # kernel=6.1 names the kernel's version; kernel=devset|legacy, a locking model.
+        given["version" if key == "kernel" and is_version(val) else key] = val
     env_version = os.environ.get("VFIOPY_SIM_KERNEL_VERSION")
     try:
         if "version" in given:

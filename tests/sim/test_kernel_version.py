@@ -110,3 +110,12 @@ def test_fdinfo_syspath_from_6_18(version: tuple[int, int], has_syspath: bool) -
         assert info.startswith("pos:")
     finally:
         m.close()
+
+
+def test_kernel_option_takes_a_version_or_a_model() -> None:
+    assert parse_spec("vfs:4,kernel=6.18") == SimSpec("vfs:4", "devset", "current", 1.0, (6, 18))
+    assert parse_spec("vfs:4,kernel=4.19").kernel_model == "legacy"
+    assert parse_spec("vfs:4,kernel=legacy").kernel_version == (6, 1)  # a model, as before
+    m = machine_of(simulated_kernel("vfs:4,kernel=6.16"))
+    assert m is not None and not m.vf_own_devset
+    m.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from mock_vfio import Machine
+from mock_vfio import Machine, load_topology
 from mock_vfio.topology import parse_toml
 
 from vfiopy.kernel import Kernel
@@ -15,7 +15,7 @@ from vfiopy.release._plan import make_plan
 from vfiopy.session import Session
 from vfiopy.sysfs import Sysfs
 
-from .conftest import SCALE
+from .conftest import SCALE, open_device
 
 pytestmark = pytest.mark.anyio
 
@@ -70,6 +70,12 @@ def _machine(made: list[Machine], toml: str, version: tuple[int, int] = (6, 1)) 
     topology = parse_toml(toml, "t")
     topology.assign_groups()
     m = Machine(topology, time_scale=SCALE, kernel_version=version)
+    made.append(m)
+    return m
+
+
+def _machine_of(made: list[Machine], spec: str, version: tuple[int, int]) -> Machine:
+    m = Machine(load_topology(spec), time_scale=SCALE, kernel_version=version)
     made.append(m)
     return m
 
@@ -151,3 +157,23 @@ def test_bus_reset_cost_follows_the_version_and_the_link(machine: list[Machine])
     assert KernelModel(Sysfs(k), (6, 3)).closes(addrs)[0].seconds == pytest.approx(0.2)
     slow = _machine(machine, toml.replace("link_speed = 16.0", "link_speed = 5.0")).spawn()
     assert KernelModel(Sysfs(slow), (6, 3)).closes(addrs)[0].seconds == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("version", "shared"), [((6, 16), True), ((6, 17), False)])
+def test_vfs_share_the_bus_set_before_6_17(
+    machine: list[Machine], version: tuple[int, int], shared: bool
+) -> None:
+    m = _machine_of(machine, "vfs:4", version)
+    p = m.spawn()
+    vfs = [f"0000:01:00.{i}" for i in range(1, 5)]
+    sets = _model(p).closes(vfs)
+    assert len(sets) == (1 if shared else 4)
+    assert all(label(s) == "flr" for pr in sets for s in pr.steps)  # never a bus reset
+    assert sum(pr.count for pr in sets) == 4
+    for a in vfs:
+        open_device(p, a)
+    p.exit()  # the releases, one after another, each under its set's lock
+    released = {e.device: e.devset for e in m.events("release")}
+    assert len(set(released.values())) == len(sets)
+    assert [e.method for e in m.resets(cause="release")] == ["flr"] * 4
+    assert not m.resets(kind="bus")

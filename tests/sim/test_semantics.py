@@ -232,7 +232,7 @@ def test_proc_fd_links(qemu: Machine) -> None:
 
 
 def test_sriov_vfs_scale() -> None:
-    m = Machine(load_topology("vfs:2048"), time_scale=0)
+    m = Machine(load_topology("vfs:2048"), time_scale=0, kernel_version=(6, 17))
     p = m.spawn()
     assert len(m.devsets) == 2048
     vf = "0000:09:00.0"

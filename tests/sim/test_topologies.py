@@ -107,15 +107,17 @@ def test_nic_shape() -> None:
     t = load_topology("nic-sriov-64")
     (pf,) = t.functions
     assert pf.sriov_total == pf.sriov_initial == 64
-    m = Machine(t, time_scale=SCALE)
+    m = Machine(t, time_scale=SCALE, kernel_version=(6, 18))
     try:
         vf_devs = m.devices[pf.addr].vfs
         assert len(vf_devs) == 64
         assert len({d.group_id for d in vf_devs}) == 64
-        assert len({id(d.devset) for d in vf_devs}) == 64
+        assert len({id(d.devset) for d in vf_devs}) == 64  # 6.17+: a set per VF
         assert all(d.driver == "vfio-pci" for d in vf_devs)
     finally:
         m.close()
+    with Machine(t, time_scale=SCALE, kernel_version=(6, 16)) as old:
+        assert len({id(d.devset) for d in old.devices[pf.addr].vfs}) == 1  # the bus's set
 
 
 def _open_close(m: Machine, addr: str) -> None:

@@ -50,6 +50,7 @@ from mock_vfio.topology import (
 from mock_vfio.trace import Counters, Event, Faults, now, oserror, thread_name
 from mock_vfio.version import (
     DEFAULT_KERNEL_VERSION,
+    VF_OWN_DEVSET,
     KernelVersion,
     check_version,
     default_kernel_model,
@@ -388,7 +389,7 @@ class Machine:
         kernel_version: KernelVersion = DEFAULT_KERNEL_VERSION,
         cdev: bool = True,
         iommufd: bool = True,
-        vf_own_devset: bool = True,
+        vf_own_devset: bool | None = None,
         bus_master_feature: bool = False,
         msix_sparse: bool = False,
     ) -> None:
@@ -408,9 +409,11 @@ class Machine:
         self.time_scale = time_scale
         self.cdev = cdev
         self.iommufd = iommufd
-        # Since 2025 (stable backports) each VF has a device set of its own; before,
-        # VFs on the PF's bus shared the bus's set and its mutex.
-        self.vf_own_devset = vf_own_devset
+        # From 6.17 each VF has a device set of its own; before, VFs on the PF's bus
+        # shared the bus's set and its mutex.
+        self.vf_own_devset = (
+            kernel_version >= VF_OWN_DEVSET if vf_own_devset is None else vf_own_devset
+        )
         self.bus_master_feature = bus_master_feature
         # Before Linux 4.16 the MSI-X table page was cut out of the BAR's mmap with a
         # sparse-mmap capability; since then the BAR maps whole and says MSIX_MAPPABLE.

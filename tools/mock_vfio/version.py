@@ -18,10 +18,17 @@ DEFAULT_KERNEL_VERSION: KernelVersion = (6, 1)
 DEVSET_LOCKING = (5, 0)
 # The reset path stopped taking every device set's lock at once.
 CURRENT_RESET = (6, 3)
+# vfio_pci_core_register_device: an SR-IOV VF is a device set of its own.
+VF_OWN_DEVSET = (6, 17)
 # vfio_device_show_fdinfo: ``vfio-device-syspath:`` in a device file's fdinfo.
 FDINFO_SYSPATH = (6, 18)
 
 _VERSION = re.compile(r"(\d+)\.(\d+)")
+
+
+def is_version(text: str) -> bool:
+    """Whether ``text`` is MAJOR.MINOR (``kernel=6.1`` names a version, not a model)."""
+    return _VERSION.fullmatch(text.strip()) is not None
 
 
 def parse_version(text: str) -> KernelVersion:

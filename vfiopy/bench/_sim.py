@@ -74,11 +74,16 @@ class SimSystem:
         self.time_scale = time_scale
         machine, topology, trace = _simulator()
         self._now: Callable[[], float] = trace.now
+        from vfiopy.simulate import parse_spec
+
         self.machine: Any = machine.Machine(
             topology.load_topology(self.topology),
             kernel_model=kernel_model,
             reset_model=reset_model,
             time_scale=time_scale,
+            # the version (VFIOPY_SIM_KERNEL_VERSION, default 6.1) decides what the
+            # models do not, such as the VFs' device sets
+            kernel_version=parse_spec(self.topology).kernel_version,
         )
         self.kernel: Kernel = self.machine.spawn(name="bench")
         groups: dict[int, Group] = {}
