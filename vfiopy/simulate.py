@@ -16,6 +16,7 @@ model wins over the one its version implies.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ NO_TOPOLOGY = (
     "--simulate needs a topology such as gpus:8 (python -m mock_vfio list); "
     "an empty one would act on this machine's real devices"
 )
+
+
+KERNEL_MODELS = ("devset", "legacy")
+RESET_MODELS = ("pre-6.3", "current")
 
 
 @dataclass(frozen=True)
@@ -75,15 +80,48 @@ def parse_spec(spec: str) -> SimSpec:
         raise ValueError(f"{exc} in {where}") from None
     # A model the spec implies through its version beats the environment's model.
     env: Mapping[str, str] = {} if "version" in given else os.environ
-    kernel = given.get("kernel", env.get("VFIOPY_SIM_KERNEL_MODEL"))
-    reset = given.get("reset", env.get("VFIOPY_SIM_RESET_MODEL"))
+    kernel = _option(spec, given, env, "kernel", "VFIOPY_SIM_KERNEL_MODEL", KERNEL_MODELS)
+    reset = _option(spec, given, env, "reset", "VFIOPY_SIM_RESET_MODEL", RESET_MODELS)
     return SimSpec(
         topology=topo,
         kernel_model=default_kernel_model(version) if kernel is None else kernel,
         reset_model=default_reset_model(version) if reset is None else reset,
-        time_scale=float(given.get("scale", os.environ.get("VFIOPY_SIM_TIME_SCALE", "1.0"))),
+        time_scale=_scale(spec, given),
         kernel_version=version,
     )
+
+
+def _where(spec: str, given: Mapping[str, str], key: str, variable: str) -> str:
+    return f"in spec {spec!r}" if key in given else f"in {variable}"
+
+
+def _option(
+    spec: str,
+    given: Mapping[str, str],
+    env: Mapping[str, str],
+    key: str,
+    variable: str,
+    choices: tuple[str, ...],
+) -> str | None:
+    """A model named in the spec, else in the environment; ValueError for an unknown one."""
+    value = given.get(key, env.get(variable))
+    if value is not None and value not in choices:
+        raise ValueError(
+            f"{key}={value} {_where(spec, given, key, variable)}: choose {' or '.join(choices)}"
+        )
+    return value
+
+
+def _scale(spec: str, given: Mapping[str, str]) -> float:
+    text = given.get("scale", os.environ.get("VFIOPY_SIM_TIME_SCALE", "1.0"))
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not (math.isfinite(scale) and scale >= 0):
+        where = _where(spec, given, "scale", "VFIOPY_SIM_TIME_SCALE")
+        raise ValueError(f"scale={text} {where}: give a number >= 0 (1 is real time)")
+    return scale
 
 
 def simulated_kernel(spec: str) -> Kernel:

@@ -165,21 +165,115 @@ class Topology:
 # --- TOML ------------------------------------------------------------------
 
 
-def _bars(raw: list[dict[str, Any]]) -> tuple[Bar, ...]:
-    return tuple(
-        Bar(
-            index=int(b["index"]),
-            size=int(b["size"]),
-            kind=str(b.get("type", "mem32")),
-            prefetch=bool(b.get("prefetch", False)),
-        )
-        for b in raw
-    )
+class TopologyError(ValueError):
+    """A topology that cannot be built: a bad spec, file, key or value (one line)."""
 
 
-def _function(d: dict[str, Any]) -> FunctionSpec:
-    f = FunctionSpec(addr=norm_addr(str(d["addr"])))
-    simple = {
+class _Table:
+    """A TOML table read with the types the topology needs; errors name the table."""
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise TopologyError(f"{where}: must be a table, not {raw!r}")
+        self.raw: dict[str, Any] = raw
+        self.where = where
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
+    def _bad(self, key: str, what: str) -> TopologyError:
+        return TopologyError(f"{self.where}: {key} must be {what}, not {self.raw[key]!r}")
+
+    def _need(self, key: str) -> None:
+        if key not in self.raw:
+            raise TopologyError(f"{self.where}: {key} is missing")
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        if default is None:
+            self._need(key)
+        v = self.raw.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, "an integer")
+        return v
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self.raw.get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self.raw.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self._bad(key, "a number")
+        return float(v)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        if default is None:
+            self._need(key)
+        v = self.raw.get(key, default)
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def optional_str(self, key: str, default: str | None) -> str | None:
+        """A string; an empty one (or an absent key with a None default) is None."""
+        return (self.string(key) or None) if key in self.raw else default
+
+    def words(self, key: str) -> tuple[str, ...]:
+        """A string of space-separated words or a list of strings."""
+        v = self.raw[key]
+        if isinstance(v, str):
+            return tuple(v.split())
+        if isinstance(v, list) and all(isinstance(w, str) for w in v):
+            return tuple(v)
+        raise self._bad(key, "a string or a list of strings")
+
+    def table(self, key: str) -> _Table:
+        return _Table(self.raw[key], f"{self.where}: {key}")
+
+    def tables(self, key: str, name: str) -> list[_Table]:
+        v = self.raw.get(key, [])
+        if not isinstance(v, list):
+            raise self._bad(key, "a list of tables")
+        return [_Table(t, f"{self.where}{name} {i + 1}") for i, t in enumerate(v)]
+
+    def addr(self) -> str:
+        try:
+            return norm_addr(self.string("addr"))
+        except TopologyError:
+            raise
+        except ValueError as exc:
+            raise TopologyError(f"{self.where}: {exc}") from None
+
+    def within(self, addr: str) -> _Table:
+        """The same table, its errors naming ``addr`` too."""
+        return _Table(self.raw, f"{self.where} ({addr})")
+
+
+_BAR_KINDS = ("mem32", "mem64", "io")
+_BRIDGE_KINDS = ("root_port", "upstream", "downstream", "pci_bridge")
+
+
+def _bars(t: _Table, key: str, default: list[dict[str, Any]] | None = None) -> tuple[Bar, ...]:
+    if key not in t and default is not None:
+        t = _Table({key: default}, t.where)
+    bars = []
+    for b in t.tables(key, f": {key}"):
+        kind = b.string("type", "mem32")
+        if kind not in _BAR_KINDS:
+            raise b._bad("type", " or ".join(_BAR_KINDS))
+        index = b.integer("index")
+        if not 0 <= index <= 5:
+            raise b._bad("index", "0 to 5")
+        bars.append(Bar(index, b.integer("size"), kind, b.boolean("prefetch", False)))
+    return tuple(bars)
+
+
+def _function(t: _Table) -> FunctionSpec:
+    f = FunctionSpec(addr=t.addr())
+    t = t.within(f.addr)
+    ints = {
         "vendor": "vendor",
         "device": "device",
         "class": "class_code",
@@ -188,80 +282,86 @@ def _function(d: dict[str, Any]) -> FunctionSpec:
         "revision": "revision",
         "rom_size": "rom_size",
         "msi": "msi",
-        "pm": "pm",
-        "pm_no_soft_reset": "pm_no_soft_reset",
-        "pcie": "pcie",
-        "pcie_type": "pcie_type",
-        "link_speed": "link_speed",
         "link_width": "link_width",
-        "flr": "flr",
-        "aer": "aer",
         "iommu_group": "iommu_group",
-        "native_driver": "native_driver",
-        "model": "model",
         "interrupt_pin": "interrupt_pin",
-        "multifunction": "multifunction",
-        "vga": "vga",
         "command": "command",
-        "dsn": "dsn",
     }
-    for key, attr in simple.items():
-        if key in d:
-            setattr(f, attr, d[key])
-    if "driver" in d:
-        f.driver = d["driver"] or None
-    f.link_speed = float(f.link_speed)
-    f.cap_offsets = {str(k).upper(): int(v) for k, v in d.get("capabilities", {}).items()}
-    f.bars = _bars(d.get("bars", []))
-    if "msix" in d:
-        m = d["msix"]
+    bools = ("pm", "pm_no_soft_reset", "pcie", "flr", "aer", "multifunction", "vga", "dsn")
+    for key, attr in ints.items():
+        if key in t:
+            setattr(f, attr, t.integer(key))
+    for key in bools:
+        setattr(f, key, t.boolean(key, getattr(f, key)))
+    f.pcie_type = t.string("pcie_type", f.pcie_type)
+    f.model = t.string("model", f.model)
+    f.native_driver = t.optional_str("native_driver", None)
+    f.driver = t.optional_str("driver", f.driver)
+    f.link_speed = t.number("link_speed", f.link_speed)
+    if "capabilities" in t:
+        caps = t.table("capabilities")
+        f.cap_offsets = {str(k).upper(): caps.integer(k) for k in caps.raw}
+    f.bars = _bars(t, "bars", [])
+    if "msix" in t:
+        m = t.table("msix")
+        table_bar = m.integer("table_bar", 0)
         f.msix = Msix(
-            int(m["count"]),
-            int(m.get("table_bar", 0)),
-            int(m.get("table_offset", 0)),
-            int(m.get("pba_bar", m.get("table_bar", 0))),
-            int(m.get("pba_offset", 0x800)),
+            m.integer("count"),
+            table_bar,
+            m.integer("table_offset", 0),
+            m.integer("pba_bar", table_bar),
+            m.integer("pba_offset", 0x800),
         )
-    if "reset_method" in d:
-        rm = d["reset_method"]
-        f.reset_methods = tuple(rm.split() if isinstance(rm, str) else rm)
-    if "reset_method_set" in d:
-        rm = d["reset_method_set"]
-        f.reset_method_set = tuple(rm.split() if isinstance(rm, str) else rm)
-    if "sriov" in d:
-        s = d["sriov"]
-        f.sriov_total = int(s["total_vfs"])
-        f.sriov_initial = int(s.get("num_vfs", 0))
-        f.vf_device = int(s.get("vf_device", f.device + 1))
-        f.vf_offset = int(s.get("offset", 1))
-        f.vf_stride = int(s.get("stride", 1))
-        f.vf_bars = _bars(s.get("bars", [{"index": 0, "size": 0x4000, "type": "mem64"}]))
-        f.vf_driver = s.get("driver", "vfio-pci") or None
-        f.vf_native_driver = s.get("native_driver")
-        f.vf_msix = int(s.get("msix", 0))
+    if "reset_method" in t:
+        f.reset_methods = t.words("reset_method")
+    if "reset_method_set" in t:
+        f.reset_method_set = t.words("reset_method_set")
+    if "sriov" in t:
+        s = t.table("sriov")
+        f.sriov_total = s.integer("total_vfs")
+        f.sriov_initial = s.integer("num_vfs", 0)
+        if not 0 <= f.sriov_initial <= f.sriov_total:
+            raise TopologyError(
+                f"{s.where}: num_vfs must be 0 to total_vfs ({f.sriov_total}), "
+                f"not {f.sriov_initial}"
+            )
+        f.vf_device = s.integer("vf_device", f.device + 1)
+        f.vf_offset = s.integer("offset", 1)
+        f.vf_stride = s.integer("stride", 1)
+        f.vf_bars = _bars(s, "bars", [{"index": 0, "size": 0x4000, "type": "mem64"}])
+        f.vf_driver = s.optional_str("driver", "vfio-pci")
+        f.vf_native_driver = s.optional_str("native_driver", None)
+        f.vf_msix = s.integer("msix", 0)
     return f
 
 
-def _bridge(d: dict[str, Any]) -> BridgeSpec:
-    b = BridgeSpec(addr=norm_addr(str(d["addr"])))
-    b.kind = str(d.get("kind", "root_port"))
-    b.secondary = int(d["secondary"])
-    b.subordinate = int(d.get("subordinate", b.secondary))
-    b.link_speed = float(d.get("link_speed", 0.0 if b.kind == "pci_bridge" else 8.0))
-    b.hotplug_slot = bool(d.get("hotplug_slot", False))
-    b.iommu_group = int(d.get("iommu_group", -1))
-    b.vendor = int(d.get("vendor", 0x8086))
-    b.device = int(d.get("device", 0))
+def _bridge(t: _Table) -> BridgeSpec:
+    b = BridgeSpec(addr=t.addr())
+    t = t.within(b.addr)
+    b.kind = t.string("kind", "root_port")
+    if b.kind not in _BRIDGE_KINDS:
+        raise t._bad("kind", " or ".join(_BRIDGE_KINDS))
+    b.secondary = t.integer("secondary")
+    b.subordinate = t.integer("subordinate", b.secondary)
+    b.link_speed = t.number("link_speed", 0.0 if b.kind == "pci_bridge" else 8.0)
+    b.hotplug_slot = t.boolean("hotplug_slot", False)
+    b.iommu_group = t.integer("iommu_group", -1)
+    b.vendor = t.integer("vendor", 0x8086)
+    b.device = t.integer("device", 0)
     return b
 
 
 def parse_toml(text: str, name: str = "custom") -> Topology:
-    data = tomllib.loads(text)
-    topo = Topology(name=str(data.get("name", name)))
-    topo.iommu_address_width = int(data.get("iommu_address_width", 48))
-    topo.iommu_coherent = bool(data.get("iommu_coherent", True))
-    topo.bridges = [_bridge(b) for b in data.get("bridge", [])]
-    topo.functions = [_function(f) for f in data.get("device", [])]
+    """A topology file's text; :class:`TopologyError` names what is wrong where."""
+    try:
+        data = _Table(tomllib.loads(text), name)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{name}: not valid TOML: {exc}") from None
+    topo = Topology(name=data.string("name", name))
+    topo.iommu_address_width = data.integer("iommu_address_width", 48)
+    topo.iommu_coherent = data.boolean("iommu_coherent", True)
+    topo.bridges = [_bridge(b) for b in data.tables("bridge", ": [[bridge]]")]
+    topo.functions = [_function(f) for f in data.tables("device", ": [[device]]")]
     return topo
 
 
@@ -456,20 +556,34 @@ def load_topology(spec: str | Path | Topology) -> Topology:
     """A ready name, ``gpus:N`` / ``vfs:N`` / ``nvme:N``, or a path to a TOML file."""
     if isinstance(spec, Topology):
         return spec
-    s = str(spec)
-    kind, _, num = s.partition(":")
+    s = str(spec).strip()
+    kind, colon, num = s.partition(":")
     gens = {"gpus": gpus, "vfs": vfs, "nvme": nvme}
-    if kind in gens and num.isdigit():
+    if kind in gens and colon:
+        if not (num.isascii() and num.isdigit()):
+            raise TopologyError(f"{kind}:N needs a whole number N >= 0, not {s!r}")
         topo = gens[kind](int(num))
+    elif s.endswith(".toml") or "/" in s:
+        topo = _read_file(Path(s))
     else:
-        path = Path(s)
-        if not (s.endswith(".toml") and path.exists()):
-            path = _topology_dir() / f"{s}.toml"
-        if not path.exists():
-            raise ValueError(f"unknown topology {s!r}; known: {', '.join(available())}")
-        topo = parse_toml(path.read_text(), path.stem)
+        path = _topology_dir() / f"{s}.toml"
+        if not s or not path.is_file():
+            raise TopologyError(f"unknown topology {s!r}; known: {', '.join(available())}")
+        topo = _read_file(path)
     topo.assign_groups()
     return topo
+
+
+def _read_file(path: Path) -> Topology:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TopologyError(f"no such topology file: {path}") from None
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TopologyError(f"{path}: not a TOML file (not UTF-8 text)") from None
+    return parse_toml(text, path.stem)
 
 
 # --- TOML writer ---------------------------------------------------------------------

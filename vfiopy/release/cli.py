@@ -339,7 +339,10 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
             machine = getattr(kernel, "machine", None)
             sim = _Sim(machine, kernel) if machine is not None else None
         elif args.simulate:
-            sim = _simulator(args)
+            try:
+                sim = _simulator(args)
+            except ValueError as exc:  # a bad spec or topology (file): nothing was done
+                return _refuse(args, f"--simulate: {exc}", EXIT_USAGE)
             kernel = sim.kernel
         else:
             kernel = default_kernel()
