@@ -189,6 +189,8 @@ class KernelModel:
         self._vfio_drivers: dict[str, bool] = {}
         self._slots: dict[tuple[int, int, int], bool] | None = None
         self._speed: dict[PciAddress, float] = {}
+        self._sets: dict[PciAddress, DeviceSet] = {}
+        self._buses: dict[tuple[int, int], list[PciAddress]] | None = None
 
     # --- drivers and viability ------------------------------------------------------------
 
@@ -273,11 +275,14 @@ class KernelModel:
 
     def bus(self, addr: PciAddress) -> list[PciAddress]:
         """The functions on ``addr``'s bus (itself included)."""
-        f = self.function(addr)
-        if f is None:
+        if self.function(addr) is None:
             return [addr]
-        here = (addr.domain, addr.bus)
-        return [d for d in self._tree().get(f.parent, []) if (d.domain, d.bus) == here]
+        if self._buses is None:
+            self._buses = {}
+            for children in self._tree().values():
+                for d in children:
+                    self._buses.setdefault((d.domain, d.bus), []).append(d)
+        return self._buses.get((addr.domain, addr.bus), [addr])
 
     def below(self, bridges: Iterable[PciAddress]) -> list[PciAddress]:
         """Every function under ``bridges``, at any depth."""
@@ -337,6 +342,8 @@ class KernelModel:
     def device_set(self, addr: PciAddress | str) -> DeviceSet:
         """The device set ``addr`` is (or would be, once bound to vfio-pci) registered in."""
         a = PciAddress.of(addr)
+        if a in self._sets:
+            return self._sets[a]
         f = self.function(a)
         kind = "device" if f is None else self._set_kind(f)
         if kind == "device":
@@ -356,7 +363,10 @@ class KernelModel:
                 members.add(d)
         ident = f"{a.domain:04x}:{a.bus:02x}" + (f":{a.slot:02x}" if kind == "slot" else "")
         reach = sorted({*peers, *self.below(bridges)})
-        return DeviceSet(ident, kind, tuple(sorted(members)), tuple(reach))
+        ds = DeviceSet(ident, kind, tuple(sorted(members)), tuple(reach))
+        for m in members:
+            self._sets[m] = ds  # the same set for each of them
+        return ds
 
     # --- resets -----------------------------------------------------------------------------------
 
