@@ -1,4 +1,4 @@
-"""The kernel facts of DESIGN.md, asserted on the simulator's trace."""
+"""The kernel facts of docs/design.md, asserted on the simulator's trace."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -552,6 +553,84 @@ def available() -> list[str]:
     return [*named, "gpus:N", "vfs:N", "nvme:N"]
 
 
+# --- validation ------------------------------------------------------------------
+
+MAX_FUNCTIONS = 65536  # functions and VFs of one topology (a PCI segment's routing IDs)
+MAX_BAR_SIZE = 1 << 48
+MAX_FILE_BYTES = 16 << 20
+# The largest N whose addresses fit one PCI segment (bus numbers 0-255).
+GENERATOR_MAX = {"gpus": 169, "vfs": 65022, "nvme": 248}
+
+
+def validate(topo: Topology) -> None:
+    """:class:`TopologyError` for what no PCI hierarchy has, or the simulator cannot hold:
+    addresses past a segment's buses, slots and functions, a topology larger than
+    :data:`MAX_FUNCTIONS`, an address used twice, a BAR size below 0 or above 2^48,
+    a bridge whose secondary bus is not below it (a cycle), an SR-IOV offset of 0."""
+    name = topo.name
+    vfs = sum(max(f.sriov_total, 0) for f in topo.functions)
+    if len(topo.functions) + vfs > MAX_FUNCTIONS:
+        raise TopologyError(
+            f"{name}: {len(topo.functions) + vfs} functions (VFs included); "
+            f"a topology may have at most {MAX_FUNCTIONS}"
+        )
+    seen: dict[str, str] = {}
+
+    def place(addr: str, what: str) -> None:
+        _dom, bus, slot, fn = split_addr(addr)
+        if bus > 0xFF or slot > 0x1F or fn > 7:
+            raise TopologyError(
+                f"{name}: {what} {addr} is outside a PCI segment (bus 00-ff, slot 00-1f, "
+                "function 0-7); use fewer devices"
+            )
+        if addr in seen:
+            raise TopologyError(f"{name}: {what} {addr} has the address of {seen[addr]}")
+        seen[addr] = f"{what} {addr}"
+
+    for b in topo.bridges:
+        place(b.addr, "bridge")
+        bus = split_addr(b.addr)[1]
+        if not b.secondary <= b.subordinate <= 0xFF:
+            raise TopologyError(
+                f"{name}: bridge {b.addr}: needs secondary {b.secondary:#04x} <= subordinate "
+                f"{b.subordinate:#04x} <= 0xff (a PCI segment has 256 buses)"
+            )
+        if b.secondary <= bus:
+            raise TopologyError(
+                f"{name}: bridge {b.addr}: its secondary bus {b.secondary:#04x} must be above "
+                f"its own bus {bus:#04x}, or bridges form a cycle"
+            )
+    for f in topo.functions:
+        place(f.addr, "device")
+        sizes = [(f"BAR {b.index}", b.size) for b in f.bars] + [("rom_size", f.rom_size)]
+        sizes += [(f"VF BAR {b.index}", b.size) for b in f.vf_bars if f.sriov_total]
+        for what, size in sizes:
+            if not 0 <= size <= MAX_BAR_SIZE:
+                raise TopologyError(
+                    f"{name}: device {f.addr}: {what} size {size} is not 0 to 2^48 bytes"
+                )
+        if f.sriov_total:
+            _vf_addresses(f, name, place)
+
+
+def _vf_addresses(f: FunctionSpec, name: str, place: Callable[[str, str], None]) -> None:
+    if f.vf_offset < 1 or (f.sriov_total > 1 and f.vf_stride < 1):
+        raise TopologyError(
+            f"{name}: device {f.addr}: SR-IOV offset {f.vf_offset} and stride {f.vf_stride} "
+            "must be >= 1 (a VF cannot have its PF's address)"
+        )
+    dom, bus, slot, fn = split_addr(f.addr)
+    rid = (bus << 8) | (slot << 3) | fn
+    last = rid + f.vf_offset + (f.sriov_total - 1) * f.vf_stride
+    if last > 0xFFFF:
+        raise TopologyError(
+            f"{name}: device {f.addr}: {f.sriov_total} VFs run past bus ff of the segment"
+        )
+    for i in range(f.sriov_total):
+        r = rid + f.vf_offset + i * f.vf_stride
+        place(make_addr(r >> 8, (r >> 3) & 0x1F, r & 7, dom), f"VF {i} of {f.addr}")
+
+
 def load_topology(spec: str | Path | Topology) -> Topology:
     """A ready name, ``gpus:N`` / ``vfs:N`` / ``nvme:N``, or a path to a TOML file."""
     if isinstance(spec, Topology):
@@ -562,6 +641,10 @@ def load_topology(spec: str | Path | Topology) -> Topology:
     if kind in gens and colon:
         if not (num.isascii() and num.isdigit()):
             raise TopologyError(f"{kind}:N needs a whole number N >= 0, not {s!r}")
+        if int(num) > GENERATOR_MAX[kind]:
+            raise TopologyError(
+                f"{s}: at most {kind}:{GENERATOR_MAX[kind]} fits one PCI segment's 256 buses"
+            )
         topo = gens[kind](int(num))
     elif s.endswith(".toml") or "/" in s:
         topo = _read_file(Path(s))
@@ -570,12 +653,18 @@ def load_topology(spec: str | Path | Topology) -> Topology:
         if not s or not path.is_file():
             raise TopologyError(f"unknown topology {s!r}; known: {', '.join(available())}")
         topo = _read_file(path)
+    validate(topo)
     topo.assign_groups()
     return topo
 
 
 def _read_file(path: Path) -> Topology:
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise TopologyError(
+                f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; a topology may have at most "
+                f"{MAX_FUNCTIONS} functions"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TopologyError(f"no such topology file: {path}") from None
