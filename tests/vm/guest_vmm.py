@@ -36,6 +36,7 @@ def resets(bdfs: Sequence[str]) -> dict[str, Any]:
                 "end": e.end,
                 "ret": e.ret,
                 "pid": e.pid,
+                "comm": e.comm,
             }
             for e in events
             if e.kind == "bus" and set(e.affected) & set(bdfs)
