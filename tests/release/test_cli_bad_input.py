@@ -6,11 +6,14 @@ check that happens too late would reach the simulator or this host.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from release_helpers import MachineFactory, vfio_devices
+from test_cli import check_schema, run, start_vmm
 
 from vfiopy import kernel as kernel_mod
 from vfiopy.release.cli import main
@@ -111,3 +114,61 @@ def test_bad_topology_file(name: str, tmp_path: Path, capsys: pytest.CaptureFixt
     err = usage_error(["--simulate", str(path), "--dry-run", "0000:01:00.0", "--json"], capsys)
     assert BAD_FILE_SAYS[name] in err
     assert len(err.strip().splitlines()) == 1
+
+
+# --- item: --pid option values -------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_real_kernel")
+@pytest.mark.parametrize("pid", ["0", "-1", str(2**31), str(2**32), str(2**64), "0x10"])
+def test_pid_that_no_process_can_have(pid: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before any kernel is asked (Linux pids are 1 to 2^22).
+    err = usage_error(["--pid", pid], capsys)
+    assert "--pid" in err and "bug" not in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--pid", "VMM", "--signal", "32"],
+        ["--pid", "VMM", "--signal", "33"],
+        ["--pid", "VMM", "--signal", "35"],
+        ["--pid", "VMM", "--signal", "63"],
+        ["--pid", "VMM", "--signal", "0"],
+        ["--pid", "VMM", "--grace", "nan"],
+        ["--pid", "VMM", "--grace", "inf"],
+        ["--pid", "VMM", "--timeout", "nan"],
+        ["--addresses", "--time-scale", "nan"],
+    ],
+)
+def test_bad_pid_option_values_signal_nothing(
+    option: list[str], machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    vmm = start_vmm(m)
+    argv = [str(vmm.getpid()) if a == "VMM" else a for a in option]
+    if argv[0] == "--addresses":
+        argv = [*vfio_devices(vmm), *argv[1:]]
+    capsys.readouterr()
+    code = main(argv, kernel=m.spawn(name="cli"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "bug" not in err
+    assert vmm.alive and not vmm.signals
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EIO])
+def test_pidfd_send_signal_failure_is_a_report(
+    err: int, machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = machine("gpus:2")
+    vmm = start_vmm(m)
+    m.faults.fail("pidfd_send_signal", err)
+    code, doc, stderr = run(["--pid", str(vmm.getpid()), "--json"], m.spawn(name="cli"), capsys)
+    assert code == 1, stderr
+    check_schema(doc)
+    assert doc["ok"] is False and doc["devices"]
+    assert all(r["status"] == "failed" for r in doc["devices"])
+    assert all("nothing was signalled" in r["error"] for r in doc["devices"])
+    assert "Traceback" not in stderr
+    assert vmm.alive and not vmm.signals

@@ -503,8 +503,11 @@ SIGNALS = {
 def parse_signal(text: str) -> int:
     """``TERM``, ``SIGTERM`` or ``15``."""
     t = text.strip().upper().removeprefix("SIG")
-    if t.isdigit() and 0 < int(t) < 65:
+    if t.isascii() and t.isdigit() and 0 < int(t) < 32:
         return int(t)
     if t in SIGNALS:
         return int(SIGNALS[t])
-    raise ValueError(f"unknown signal {text!r} (use TERM, INT, HUP, QUIT, KILL or a number)")
+    raise ValueError(
+        f"unknown signal {text!r}: use TERM, INT, HUP, QUIT, KILL or a number 1 to 31 "
+        "(a standard signal; the real-time ones are no request to exit)"
+    )

@@ -477,6 +477,10 @@ async def guard(
                     for f in new:
                         changed("taken", f)
                         log.info("release.watch_taken", pid=t.pid, link=f.link, bdf=f.address)
+                    if gone or new:
+                        # Planned now, while the VMM runs, so that its exit is followed by
+                        # the releases at once, not by a walk of sysfs.
+                        await anyio.to_thread.run_sync(t.replan)
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
                     if not await anyio.to_thread.run_sync(_exited, kernel, t.pidfd, 0.0):
@@ -487,12 +491,10 @@ async def guard(
                             "nothing released"
                         )
                         return report
-                    await anyio.to_thread.run_sync(t.replan)
                     report = await release_files(t, max_parallel, timeout, progress)
                     report.interrupted = True
                     return report
         log.info("release.process_exited", pid=t.pid)
-        await anyio.to_thread.run_sync(t.replan)
         return await release_files(t, max_parallel, timeout, progress)
     finally:
         t.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -50,6 +51,29 @@ DEFAULT_TIMEOUT = 90.0  # a bus reset may poll up to 60 s for the device to come
 log = get_logger("vfiopy.release")
 
 
+PID_MAX = 1 << 22  # PID_MAX_LIMIT: Linux pids are at most this
+
+
+def _pid(text: str) -> int:
+    """``--pid``: a process id, 1 to PID_MAX (argparse reports the ValueError as a usage error)."""
+    pid = int(text)
+    if not 0 < pid <= PID_MAX:
+        raise ValueError(text)
+    return pid
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds (``nan`` and ``inf`` would never fire or never end)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_pid.__name__ = f"process id (1 to {PID_MAX})"
+_seconds.__name__ = "finite number"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # argparse's own usage errors exit 2, as EXIT_USAGE says.
     p = argparse.ArgumentParser(
@@ -67,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pid",
-        type=int,
+        type=_pid,
         help="tear down this VMM process: take its VFIO device "
         "fds, signal it, wait for its exit, release the devices concurrently",
     )
@@ -81,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", default="TERM", help="signal for --pid (default TERM)")
     p.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=10.0,
         help="seconds to wait after --signal before SIGKILL (default 10)",
     )
@@ -95,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds per reset domain before it is reported failed and abandoned "
         f"(default {DEFAULT_TIMEOUT:g})",
@@ -143,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--time-scale",
-        type=float,
+        type=_seconds,
         help="simulated delays times this (default 1: real reset times)",
     )
     sim.add_argument(
