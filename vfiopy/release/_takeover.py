@@ -279,19 +279,28 @@ async def release_files(
     timeout: float | None = None,
     progress: ProgressFn | None = None,
 ) -> Report:
-    """Close every reference of a process that has exited: device files by domain, in
-    parallel (the last close of a set runs its reset), then groups, container, iommufd."""
+    """Close every reference of a process that has exited: groups, container and iommufd
+    first, then device files by domain, in parallel (the last close of a set runs its reset).
+
+    The group, container and iommufd references go first because they are no last
+    references while a device file is open: a device file holds its group file (and a
+    cdev its iommufd), so each group is released, and the container with the last of
+    them, right after its devices, in the worker that closed them - never after all
+    domains are done.
+    """
+    jobs = _jobs(t)
+    with anyio.CancelScope(shield=True):
+        files = await _close_others(t)
     report = await run_domains(
         "release",
-        _jobs(t),
+        jobs,
         event="release.device",
         max_parallel=max_parallel,
         timeout=timeout,
         progress=progress,
     )
     report.pid = t.pid
-    with anyio.CancelScope(shield=True):
-        report.files = await _close_others(t)
+    report.files = files
     if t.exited_early:
         report.notes.append(
             f"pid {t.pid} exited during the takeover: what was not taken yet was released "
