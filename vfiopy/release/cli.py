@@ -10,11 +10,13 @@ address, an address or pid that names nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import anyio.abc
 
 from vfiopy._log import get_logger
 from vfiopy.errors import AddressError
-from vfiopy.release._engine import DEFAULT_MAX_PARALLEL
+from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
 from vfiopy.release._report import (
     SCHEMA,
     DeviceResult,
@@ -36,8 +38,8 @@ from vfiopy.release._report import (
 )
 
 # The kernel's door (the cffi extension), sysfs and the release machinery are imported by the
-# functions that run a release, once the arguments are read: --help and usage errors start
-# without them (README: start-up).
+# functions that run a release, once the arguments are read: --help and argparse's usage
+# errors start without them (README: start-up).
 if TYPE_CHECKING:
     from vfiopy.kernel import Kernel
     from vfiopy.release._plan import Plan
@@ -325,6 +327,19 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    global _signals
+    with _Signals(args.timeout) as _signals:
+        try:
+            return _main(args, kernel)
+        except _Interrupted as exc:
+            return _refuse(
+                args,
+                f"interrupted by {exc} before the release started; nothing was released",
+                EXIT_FAILED,
+            )
+
+
+def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
     from vfiopy.kernel import default_kernel
     from vfiopy.release._plan import UsageError, parse_addresses
     from vfiopy.release._process import parse_signal
@@ -419,6 +434,7 @@ abandoned_workers = False
 def _emit(
     args: argparse.Namespace, report: Report, dry_run: bool = False, plan_ok: bool = True
 ) -> int:
+    _signals.phase = "after"  # a signal from here on changes neither the output nor the status
     if args.json:
         doc = report.to_json()
         if dry_run:
@@ -449,27 +465,111 @@ def _progress(args: argparse.Namespace, plan: Plan) -> _Progress | None:
     return _Progress(sys.stderr, len(plan.domains))
 
 
-class _Signals:
-    """SIGINT/SIGTERM: stop waiting, but finish (shielded) what holds device fds."""
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM before the release started: nothing was done."""
 
-    def __init__(self) -> None:
+
+class _Signals:
+    """The tool's signals, from its arguments read to its exit status.
+
+    SIGHUP (a dropped SSH session) is ignored throughout: nothing stops half-way for it.
+    SIGINT and SIGTERM before the release starts stop the tool (nothing was released);
+    during it, the first stops waiting for the VMM but finishes, shielded, what holds device
+    fds, and says how many domains are left; after it, they change neither the report nor the
+    exit status.  A second one cannot stop the wait for a hung domain: its worker thread sits
+    in the kernel's reset, and this process cannot exit before that call returns, so giving
+    up would not end the tool sooner; --timeout bounds each domain instead.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
         self.received: int | None = None
+        self.phase = "before"  # "run", "after"
+        self.running: set[str] = set()
+        self._pipe: tuple[int, int] | None = None
+        self._saved: list[tuple[int, Any]] = []
+        self._wakeup = -1
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers belong to the main thread
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe = (r, w)
+        self._saved = [(signal.SIGHUP, signal.signal(signal.SIGHUP, signal.SIG_IGN))]
+        self._saved += [
+            (s, signal.signal(s, self._handler)) for s in (signal.SIGINT, signal.SIGTERM)
+        ]
+        # The loop wakes on the pipe for a signal that another thread received.
+        self._wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._wakeup)
+        for s, h in reversed(self._saved):
+            signal.signal(s, h)
+        for fd in self._pipe:
+            os.close(fd)
+        self._pipe = None
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        if self.phase == "before":
+            raise _Interrupted(signal.Signals(signum).name)
+        # "run": the watcher reads the signal from the wakeup pipe; "after": too late to matter
+
+    def track(self, progress: ProgressFn | None) -> ProgressFn:
+        """``progress``, also counting the domains in progress for the interruption notice."""
+
+        def track(phase: str, domain: DomainResult, devices: Sequence[DeviceResult]) -> None:
+            (self.running.add if phase == "start" else self.running.discard)(domain.id)
+            if progress is not None:
+                progress(phase, domain, devices)
+
+        return track
 
     async def watch(
         self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        # SIGHUP too: a dropped SSH session must not stop a release half-way.
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            task_status.started()
-            async for s in signals:
-                if self.received is None:
-                    log.warning(
-                        "release.interrupted",
-                        reason="finishing the release so that no fd stays open",
-                        signal=signal.Signals(s).name,
-                    )
-                self.received = s
-                scope.cancel()
+        task_status.started()
+        if self._pipe is None:
+            return
+        while True:
+            await anyio.wait_readable(self._pipe[0])
+            try:
+                data = os.read(self._pipe[0], 64)
+            except BlockingIOError:
+                continue
+            for s in data:
+                if s in (signal.SIGINT, signal.SIGTERM):
+                    self._interrupted(s)
+                    scope.cancel()
+
+    def _interrupted(self, s: int) -> None:
+        name = signal.Signals(s).name
+        left = f"{_n(len(self.running), 'domain')}" if self.running else "the release"
+        bound = f"each domain gives up after --timeout {self.timeout:g} s"
+        if self.received is None:
+            log.warning(
+                "release.interrupted",
+                reason="finishing the release so that no fd stays open",
+                signal=name,
+            )
+            again = "Ctrl-C" if s == signal.SIGINT else name
+            message = (
+                f"{name}: finishing {left} so that no device fd stays open ({bound}); "
+                f"{again} again says why it cannot stop sooner"
+            )
+        else:
+            message = (
+                f"{name}: still finishing {left}: a reset in progress cannot be stopped (its "
+                "thread waits in the kernel, and this process cannot exit before it returns); "
+                + bound
+            )
+        self.received = s
+        with contextlib.suppress(OSError):  # a terminal gone with its SSH session
+            sys.stderr.write(f"\r\x1b[K{message}\n" if sys.stderr.isatty() else message + "\n")
+            sys.stderr.flush()
 
     def run(self, main: Callable[[], Awaitable[Report]]) -> Report:
         """Run ``main`` on a new event loop, watching for signals meanwhile; the report
@@ -478,14 +578,24 @@ class _Signals:
 
         async def run() -> None:
             async with anyio.create_task_group() as tg:
-                await tg.start(self.watch, tg.cancel_scope)
-                box.append(await main())
+                work = anyio.CancelScope()  # the watcher goes on for a second signal
+                await tg.start(self.watch, work)
+                with work:
+                    box.append(await main())
                 tg.cancel_scope.cancel()
 
-        anyio.run(run)
+        self.phase = "run"
+        try:
+            anyio.run(run)
+        finally:
+            self.phase = "after"
         report = box[0]
         report.interrupted = report.interrupted or self.received is not None
         return report
+
+
+_signals = _Signals(DEFAULT_TIMEOUT)
+"""The signals of the CLI run in progress (main sets it)."""
 
 
 def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str]) -> int:
@@ -499,9 +609,10 @@ def _run_addresses(args: argparse.Namespace, kernel: Kernel, addresses: list[str
 
     session = Session(kernel, backend=_backend(args.backend))
     progress = _progress(args, plan)
-    report = _Signals().run(
+    track = _signals.track(progress)
+    report = _signals.run(
         lambda: release_addresses(
-            session, plan, max_parallel=args.max_parallel, timeout=args.timeout, progress=progress
+            session, plan, max_parallel=args.max_parallel, timeout=args.timeout, progress=track
         )
     )
     if progress is not None:
@@ -542,24 +653,24 @@ def _run_pid(args: argparse.Namespace, kernel: Kernel, pid: int, sig: int) -> in
 
     try:
         if args.watch:
-            report = _Signals().run(
+            report = _signals.run(
                 lambda: guard(
                     takeover,
                     max_parallel=args.max_parallel,
                     timeout=args.timeout,
-                    progress=progress,
+                    progress=_signals.track(progress),
                     on_change=changed,
                 )
             )
         else:
-            report = _Signals().run(
+            report = _signals.run(
                 lambda: release_process(
                     takeover,
                     sig=sig,
                     grace=args.grace,
                     max_parallel=args.max_parallel,
                     timeout=args.timeout,
-                    progress=progress,
+                    progress=_signals.track(progress),
                     on_phase=phase,
                 )
             )
