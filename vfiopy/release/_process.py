@@ -362,7 +362,7 @@ def _group_of(sysfs: Sysfs, address: str) -> int | None:
 
 def _reset_set(kernel: Kernel, f: VfioFile) -> set[str] | None:
     """The addresses a bus or slot reset of the device would hit; None when it has none."""
-    from vfiopy.device import hot_reset_info
+    from vfiopy.hotreset import hot_reset_info
 
     assert f.dup is not None
     try:
