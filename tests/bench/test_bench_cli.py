@@ -96,8 +96,10 @@ def test_lower_bound_is_modelled_not_measured(tmp_path: Path) -> None:
 
 
 def test_devset_vfiopy_resets_overlap_process_exit_does_not(tmp_path: Path) -> None:
+    # Bus resets of 0.15 s, far beyond a thread's start-up on a busy machine: two of them
+    # overlap whenever the mode runs them concurrently (never asked: all four at once).
     code, doc = bench(
-        tmp_path, "--simulate", "gpus:4", "--time-scale", "0.05", "--modes", "e", "c", "v", "t", "p"
+        tmp_path, "--simulate", "gpus:4", "--time-scale", "0.15", "--modes", "e", "c", "v", "t", "p"
     )
     assert code == 0
     runs = runs_by_mode(doc)

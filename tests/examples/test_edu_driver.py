@@ -127,7 +127,7 @@ def test_finds_the_edu_and_prints_steps(machine: Any, capsys: pytest.CaptureFixt
 def test_factorial_wraps_like_the_device(
     machine: Any, capsys: pytest.CaptureFixture[str], n: int
 ) -> None:
-    code, doc, err = run_json(machine, capsys, "--factorial", str(n), "--timeout", "0.3")
+    code, doc, err = run_json(machine, capsys, "--factorial", str(n), "--timeout", "5")
     assert code == 0, err
     for name in ("factorial", "factorial-irq"):
         assert steps(doc)[name]["result"] == edu_driver.expected_factorial(n)

@@ -36,8 +36,20 @@ def devsets(m: Any) -> list[str]:
     return sorted({e.devset for e in m.unique_resets(cause="devset")})
 
 
-def slow_resets(m: Any, addrs: list[str], seconds: float = 2.0) -> None:
-    """Lengthen the resets of ``addrs`` (model seconds) so that thread start-up skew on a
-    loaded machine is small beside them, and an overlap check measures concurrency."""
+def slow_resets(m: Any, addrs: list[str], seconds: float = 5.0) -> None:
+    """Lengthen the resets of ``addrs`` (model seconds; 0.1 s more at the tests' time scale)
+    so that thread start-up on a loaded machine is small beside them, and `concurrent` can
+    see two of them overlap."""
     for a in addrs:
         m.faults.slow_reset(a, seconds)
+
+
+def concurrent(resets: list[Any]) -> bool:
+    """Whether ``resets`` ran on more than one thread, at least two of them at once.
+
+    The invariant of a parallel release, where a close loop or a process exit runs every
+    reset on one thread, one after another. Never "all N at once": workers start one after
+    another, and on a busy machine the first may finish its domain (and take the next one)
+    before the last has started. Use it on resets lengthened with `slow_resets`.
+    """
+    return len({e.thread for e in resets}) >= 2 and overlap(resets) >= 2

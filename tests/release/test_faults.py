@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from typing import Any
 
 import anyio
@@ -16,6 +15,10 @@ from vfiopy.release import Status, acquire, release
 from vfiopy.session import Session
 
 pytestmark = pytest.mark.anyio
+
+TIMEOUT = 1.0
+"""The per-domain timeout where one domain hangs: 50 times a domain's release (20 ms at the
+tests' time scale), so a busy machine never times out a domain that is only slow."""
 
 
 async def opened(m: Any, name: str = "vmm") -> tuple[Session, list[str]]:
@@ -50,9 +53,9 @@ async def test_hung_reset_past_the_timeout(machine: MachineFactory) -> None:
     session, addrs = await opened(m)
     stuck = addrs[0]  # the first GPU: its set's bus reset hangs
     ev = m.faults.hang_reset(stuck)
-    t0 = time.monotonic()
-    report = await release(session, timeout=0.3)
-    assert time.monotonic() - t0 < 3.0  # the hung domain did not hold up the run
+    report = await release(session, timeout=TIMEOUT)
+    # The hung domain did not hold up the run: it returned with that reset still hanging.
+    assert not m.resets(device=stuck, cause="devset")
     accounted(report, addrs)
     failed = {r.address: r for r in report.failed()}
     domain = report.devices[[r.address for r in report.devices].index(stuck)].domain
@@ -75,7 +78,7 @@ async def test_hung_domain_does_not_stall_the_queue(machine: MachineFactory) -> 
     session, addrs = await opened(m)
     own_fds = len(os.listdir("/proc/self/fd"))
     ev = m.faults.hang_reset(addrs[0])
-    report = await release(session, timeout=0.3, max_parallel=1)
+    report = await release(session, timeout=TIMEOUT, max_parallel=1)
     accounted(report, addrs)
     hung = report.devices[[r.address for r in report.devices].index(addrs[0])].domain
     assert [d.id for d in report.domains if d.timed_out] == [hung]
@@ -103,7 +106,7 @@ async def test_progress_once_per_domain_even_when_one_hangs(machine: MachineFact
             ev.set()  # the hung reset returns now, while the slow domain still runs
 
     # One worker: the hung domain goes first; its replacement runs the rest.
-    report = await release(session, timeout=0.3, max_parallel=1, progress=progress)
+    report = await release(session, timeout=TIMEOUT, max_parallel=1, progress=progress)
     assert len(hung) == 1 and [d.id for d in report.domains if d.timed_out] == hung
     assert wait_until(lambda: m.open_fds() == 0)
     domains = [d.id for d in report.domains]

@@ -37,6 +37,8 @@ def test_opening_resets(qemu: Machine) -> None:
 
 def test_threaded_close_runs_resets_of_different_sets_in_parallel(qemu: Machine) -> None:
     p, devs = _open_nics(qemu)
+    for a in NICS:
+        qemu.faults.slow_reset(a, 5.0)  # 0.1 s more: far beyond a thread's start-up
     threads = [threading.Thread(target=p.close, args=(fd,)) for fd in devs]  # type: ignore[attr-defined]
     for t in threads:
         t.start()
@@ -45,6 +47,7 @@ def test_threaded_close_runs_resets_of_different_sets_in_parallel(qemu: Machine)
     resets = qemu.resets(cause="release")
     assert sorted(e.device for e in resets) == NICS
     assert len({e.devset for e in resets}) == 6
+    assert not qemu.events("lock_wait")  # no set waited on another's lock
     assert overlapping(resets)
 
 

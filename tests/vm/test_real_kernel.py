@@ -18,8 +18,6 @@ import pytest
 import vmtest
 from conftest import REPO, Guests, guest_env
 
-from vfiopy.release._report import max_overlap
-
 pytestmark = pytest.mark.vm
 
 NIC = "0000:01:00.0"
@@ -155,15 +153,16 @@ def release_results(guests: Guests, layout: vmtest.Layout) -> dict[str, Any]:
 
 
 def concurrent(bus: list[dict[str, Any]]) -> bool:
-    """Whether the resets ran on separate threads and some of them at the same time.
+    """Whether the resets ran on more than one kernel task: released by worker threads.
 
-    A close loop or a process exit runs them on one task, never two at once. How many run
-    at once is a timing, not a property: the guest's Python (about 30 ms a device under TCG,
-    far more on a loaded host) starts them one after another, so on a slow host the first
-    may end before the last starts. The README reports the measured overlap.
+    A close loop or a process exit runs them all on one task, one after another. Neither
+    "one thread per reset" nor "two at once" is a property: the workers start one after
+    another (the guest's Python takes about 30 ms a device under TCG, far more on a loaded
+    host, where the guest's CPU has stalled for minutes), a worker that finished its domain
+    takes the next one, and on a slow host the first reset may end before the next starts.
+    The README reports the measured overlap.
     """
-    threads = {e["pid"] for e in bus}
-    return len(threads) == len(bus) and max_overlap((e["start"], e["end"]) for e in bus) >= 2
+    return len({e["pid"] for e in bus}) >= 2
 
 
 def test_release_api_acquire_reset_release(
