@@ -172,3 +172,88 @@ def test_pidfd_send_signal_failure_is_a_report(
     assert all("nothing was signalled" in r["error"] for r in doc["devices"])
     assert "Traceback" not in stderr
     assert vmm.alive and not vmm.signals
+
+
+# --- item: with --json, one JSON document on every exit path --------------------------------
+
+
+@pytest.mark.usefixtures("no_real_kernel")
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        # argparse's own usage errors
+        (["--timeout", "nan", "0000:03:00.0"], "argument --timeout: invalid finite number"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--pid", "0"], "argument --pid: invalid process id"),
+        (["--backend", "vfio", "0000:03:00.0"], "argument --backend: invalid choice"),
+        (["0000:03:00.0", "--grace"], "argument --grace: expected one argument"),
+        # those found after argparse
+        ([], "give device addresses or --pid PID"),
+        (["--simulate", "gpus:2", "--watch"], "--watch needs --pid PID"),
+        (["--pid", "1", "0000:03:00.0"], "give device addresses or --pid, not both"),
+        (["--simulate", "", "0000:03:00.0"], "--simulate needs a topology"),
+        (["--simulate", "gpus:2", "3b:00"], "'3b:00' is not a PCI address"),
+        (["--simulate", "gpus:2", "--pid", "1", "--signal", "40"], "unknown signal '40'"),
+        (["--simulate", "gpus:2", "--max-parallel", "0", "0000:03:00.0"], "--max-parallel"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--json", "--js"])  # argparse takes an abbreviation too
+def test_every_usage_error_is_one_json_document(
+    argv: list[str], says: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    code = main([flag, *argv])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(out.splitlines()) == 1, out  # one document, on one line
+    doc = json.loads(out)
+    check_schema(doc)
+    assert doc["ok"] is False and doc["devices"] == [] and says in doc["error"]
+    # stderr keeps its one-line message, the document's error
+    assert err.splitlines()[-1].endswith(f"error: {doc['error']}")
+
+
+@pytest.mark.usefixtures("no_real_kernel")
+def test_usage_error_without_json_leaves_stdout_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["--timeout", "nan", "0000:03:00.0"]) == 2
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.usefixtures("no_real_kernel")
+def test_an_internal_error_is_still_one_json_document(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vfiopy.release import _plan
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_plan, "parse_addresses", broken)
+    capsys.readouterr()
+    code = main(["--json", "--simulate", "gpus:2", "--dry-run", "0000:03:00.0"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" in err and "RuntimeError: a bug" in err  # what a bug report needs
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["error"] == "internal error: RuntimeError: a bug"
+
+
+@pytest.mark.usefixtures("no_real_kernel")
+def test_an_error_after_the_report_adds_no_second_document(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vfiopy.release import cli
+
+    def broken(*_: Any) -> list[str]:
+        raise RuntimeError("a bug after the report")
+
+    monkeypatch.setattr(cli, "_sim_summary", broken)
+    capsys.readouterr()
+    code = main(["--json", "--simulate", "gpus:1,scale=0", "0000:03:00.0", "0000:03:00.1"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "a bug after the report" in err
+    (line,) = out.splitlines()
+    doc = json.loads(line)
+    assert {d["status"] for d in doc["devices"]} == {"released"} and "error" not in doc

@@ -82,9 +82,14 @@ def _link_name(path: Path) -> str:
 
 
 def resources(bdf: str) -> list[Json]:
+    """The BARs and ROM of sysfs's ``resource`` file, a line each (``start end flags`` in
+    hex); a line that is not three hex numbers (blank, cut short) is skipped, not fatal."""
     out = []
     for index, line in enumerate(_read(SYSFS_PCI / bdf / "resource").splitlines()):
-        start, end, flags = (int(x, 16) for x in line.split())
+        try:
+            start, end, flags = (int(x, 16) for x in line.split())
+        except ValueError:  # too few or too many fields, or not hex
+            continue
         if not flags and not end:
             continue
         kind = "io" if flags & 0x100 else "mem" if flags & 0x200 else f"flags={flags:#x}"

@@ -8,11 +8,14 @@ unknown topology, ``--plot`` without matplotlib, ``--real`` without access).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import Any, TextIO
 
+from vfiopy._cliargs import Parser, finite, json_option
 from vfiopy.bench._modes import MODES, Mode, parse_mode
 from vfiopy.bench._progress import Progress
 from vfiopy.bench._report import (
@@ -21,12 +24,9 @@ from vfiopy.bench._report import (
     format_summary,
     write_plot,
 )
-from vfiopy.bench._results import MmioResult, Sweep
+from vfiopy.bench._results import SCHEMA, MmioResult, Sweep
 from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
 from vfiopy.errors import VfioError
-
-if TYPE_CHECKING:
-    from vfiopy.bench._startup import Startup
 
 KERNEL_MODELS = ("legacy", "devset")
 RESET_MODELS = ("pre-6.3", "current")
@@ -38,9 +38,72 @@ class UsageError(Exception):
     """Arguments that cannot be run; exit status 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
+class _JsonOut:
+    """``--json``'s one document: on stdout (``-``) or in PATH, which is opened (not
+    truncated) before anything runs, so that an unwritable PATH is a usage error before a
+    sweep of minutes, not after it. Whatever the exit, one document is written."""
+
+    def __init__(self, dest: str | None) -> None:
+        self.dest = dest
+        self.fd: int | None = None
+        self.written = False
+
+    def open(self) -> None:
+        if self.dest is not None and self.dest != "-" and self.fd is None:
+            try:
+                self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                self.dest = None  # nowhere to write, not even the error
+                raise UsageError(f"--json {exc.filename}: {exc.strerror}") from exc
+
+    def write(self, doc: dict[str, Any]) -> None:
+        if self.written or self.dest is None:
+            return
+        text = json.dumps(doc, indent=2) + "\n"
+        self.written = True
+        if self.dest == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        self.open()
+        assert self.fd is not None
+        with contextlib.suppress(OSError):  # a pipe or a terminal: nothing to truncate
+            os.ftruncate(self.fd, 0)
+        with open(self.fd, "w", encoding="utf-8", closefd=False) as f:
+            f.write(text)
+
+    def error(self, message: str) -> None:
+        """The document of a run that did not happen or did not finish."""
+        doc = {
+            "schema": SCHEMA,
+            "ok": False,
+            "error": message,
+            "args": {},
+            "runs": [],
+            "mmio": None,
+        }
+        with contextlib.suppress(OSError, UsageError):  # stderr has said it already
+            self.write(doc)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive.__name__ = "whole number >= 1"
+
+
+def _parser() -> Parser:
     modes = "; ".join(f"{m.name} ({m.letter}): {m.about}" for m in MODES.values())
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m vfiopy.bench",
         description="Time how long N VFIO devices take to release (and to open): "
         "vfiopy's release manager against process exit, a close loop, a thread per fd "
@@ -87,17 +150,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=finite,
         default=1.0,
         metavar="F",
         help="multiply every simulated delay by F (default 1)",
     )
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON ('-': stdout); whatever the exit, one document "
+        '(an error: "ok": false and "error"); PATH is checked before anything runs',
+    )
     p.add_argument("--plot", metavar="PATH", help="write a PNG of teardown time against N")
     p.add_argument(
         "--mmio", action="store_true", help="also time a mapped-BAR read32 (ns per call)"
     )
-    p.add_argument("--mmio-calls", type=int, default=200_000, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--mmio-calls", type=_positive, default=200_000, metavar="N", help=argparse.SUPPRESS
+    )
     p.add_argument(
         "--startup",
         nargs="?",
@@ -174,16 +244,9 @@ def _factory(args: argparse.Namespace) -> tuple[SystemFactory, str]:
     return SimFactory(topology), topology
 
 
-def _write_json(sweep: Sweep | Startup, path: str) -> None:
-    doc = json.dumps(sweep.to_json(), indent=2) + "\n"
-    if path == "-":
-        sys.stdout.write(doc)
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(doc)
-
-
-def _startup(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO | None) -> int:
+def _startup(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO | None, sink: _JsonOut
+) -> int:
     """``--startup``: the tools' start-up as whole processes, instead of a sweep."""
     from vfiopy.bench._startup import measure
 
@@ -192,21 +255,51 @@ def _startup(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Tex
     startup = measure(args.startup)
     table_out = out if out is not None else (sys.stderr if args.json == "-" else sys.stdout)
     print("\n".join(startup.lines()), file=table_out)
-    if args.json:
-        _write_json(startup, args.json)
+    sink.write(startup.to_json())
     return 0
 
 
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """The bench; its exit status. With ``--json``, whatever the exit, one document."""
     parser = _parser()
+    dest = json_option(argv, takes_path=True)
+    sink = _JsonOut(dest if isinstance(dest, str) else None)
+    try:
+        return _run(parser, argv, out, sink)
+    except SystemExit as exc:  # --help, or argparse's usage error (parser.error)
+        code = exc.code if isinstance(exc.code, int) else 2
+        if code == 2:
+            sink.error(parser.message)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sink.error("interrupted")
+        return 130
+    except Exception as exc:  # a bug: its traceback, and still one JSON document
+        import traceback
+
+        traceback.print_exc()
+        sink.error(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        sink.close()
+
+
+def _run(parser: Parser, argv: Sequence[str] | None, out: TextIO | None, sink: _JsonOut) -> int:
     args = parser.parse_args(argv)
+    sink.dest = args.json
+    try:
+        sink.open()
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     import logging  # not above: --help imports neither logging nor structlog
 
     from vfiopy.logsetup import configure_cli_logging
 
     configure_cli_logging(logging.INFO if args.verbose else logging.WARNING)
     if args.startup is not None:
-        return _startup(args, parser, out)
+        return _startup(args, parser, out, sink)
     try:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:
@@ -237,6 +330,7 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         make(counts[0], kernel_models[0], reset_models[0], args.time_scale).discard()
     except (PlotUnavailable, UsageError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sink.error(str(exc))
         return 2
 
     points = plan(counts, kernel_models, reset_models, modes)
@@ -264,8 +358,7 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     # The table goes to stdout unless the JSON document does.
     table_out = out if out is not None else (sys.stderr if args.json == "-" else sys.stdout)
     print(format_summary(sweep), file=table_out)
-    if args.json:
-        _write_json(sweep, args.json)
+    sink.write(sweep.to_json())
     if args.plot:
         write_plot(sweep, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
@@ -287,8 +380,4 @@ def make_mmio(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run(argv)

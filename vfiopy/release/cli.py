@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import anyio
 import anyio.abc
 
+from vfiopy._cliargs import Parser, finite, json_option
 from vfiopy._log import get_logger
 from vfiopy.errors import AddressError
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
@@ -64,21 +64,12 @@ def _pid(text: str) -> int:
     return pid
 
 
-def _seconds(text: str) -> float:
-    """A finite number of seconds (``nan`` and ``inf`` would never fire or never end)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
 _pid.__name__ = f"process id (1 to {PID_MAX})"
-_seconds.__name__ = "finite number"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     # argparse's own usage errors exit 2, as EXIT_USAGE says.
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m vfiopy.release",
         description="Reset and release VFIO devices concurrently, one reset per reset domain "
         "and domains in parallel; or tear down a VMM (--pid) so its devices' resets run in "
@@ -107,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", default="TERM", help="signal for --pid (default TERM)")
     p.add_argument(
         "--grace",
-        type=_seconds,
+        type=finite,
         default=10.0,
         help="seconds to wait after --signal before SIGKILL (default 10)",
     )
@@ -121,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=finite,
         default=DEFAULT_TIMEOUT,
         help=f"seconds per reset domain before it is reported failed and abandoned "
         f"(default {DEFAULT_TIMEOUT:g})",
@@ -169,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--time-scale",
-        type=_seconds,
+        type=finite,
         help="simulated delays times this (default 1: real reset times)",
     )
     sim.add_argument(
@@ -323,10 +314,16 @@ def _sim_summary(sim: _Sim, since: float) -> list[str]:
 
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the CLI; ``kernel`` (a simulated process, in tests) replaces the system's."""
+    global _json_written
+    _json_written = False
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own usage error (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if code == EXIT_USAGE and json_option(argv):
+            _json_error(parser.message)
+        return code
     global _signals
     with _Signals(args.timeout) as _signals:
         try:
@@ -337,6 +334,13 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
                 f"interrupted by {exc} before the release started; nothing was released",
                 EXIT_FAILED,
             )
+        except Exception as exc:  # a bug: its traceback, and still one JSON document
+            import traceback
+
+            traceback.print_exc()
+            if args.json and not _json_written:
+                _json_error(f"internal error: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
 
 
 def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
@@ -349,29 +353,31 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
     if args.simulate is not None and not args.simulate.strip():
         from vfiopy.simulate import NO_TOPOLOGY
 
-        return _usage(NO_TOPOLOGY)
+        return _usage(args, NO_TOPOLOGY)
     if args.pid is not None and args.addresses and not args.simulate_vmm:
-        return _usage("give device addresses or --pid, not both")
+        return _usage(args, "give device addresses or --pid, not both")
     if args.simulate_vmm and not args.simulate:
-        return _usage("--simulate-vmm needs --simulate TOPOLOGY")
+        return _usage(args, "--simulate-vmm needs --simulate TOPOLOGY")
     if args.simulate_vmm and args.pid is not None:
-        return _usage("--simulate-vmm chooses the pid itself; leave out --pid")
+        return _usage(args, "--simulate-vmm chooses the pid itself; leave out --pid")
     if args.watch and args.pid is None and not args.simulate_vmm:
-        return _usage("--watch needs --pid PID")
+        return _usage(args, "--watch needs --pid PID")
     if args.pid is None and not args.addresses and not args.simulate_vmm:
-        return _usage("give device addresses or --pid PID")
+        return _usage(args, "give device addresses or --pid PID")
     if (
         args.max_parallel < 1
         or args.timeout <= 0
         or args.grace < 0
         or (args.time_scale is not None and args.time_scale < 0)
     ):
-        return _usage("--max-parallel must be >= 1, --timeout > 0, --grace and --time-scale >= 0")
+        return _usage(
+            args, "--max-parallel must be >= 1, --timeout > 0, --grace and --time-scale >= 0"
+        )
     try:
         sig = parse_signal(args.signal)
         addresses = [str(a) for a in parse_addresses(args.addresses)]
     except (ValueError, AddressError) as exc:
-        return _usage(str(exc))
+        return _usage(args, str(exc))
     sim: _Sim | None = None
     try:
         if kernel is not None:
@@ -410,25 +416,41 @@ def _refuse(args: argparse.Namespace, exc: OSError | str, code: int) -> int:
     """Nothing was done: say why on stderr and, with --json, in the document too."""
     sys.stderr.write(f"error: {exc}\n")
     if args.json:
-        doc = Report("release").to_json()
-        doc["ok"] = False
-        doc["error"] = str(exc)
-        sys.stdout.write(json.dumps(doc) + "\n")
+        _json_error(str(exc))
     return code
+
+
+_json_written = False
+"""Whether this run's JSON document is out (main resets it): never a second one."""
+
+
+def _json_write(doc: dict[str, Any]) -> None:
+    global _json_written
+    _json_written = True
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+def _json_error(message: str) -> None:
+    """The document of a run that did nothing: no devices, ``ok`` false, the error."""
+    doc = Report("release").to_json()
+    doc["ok"] = False
+    doc["error"] = message
+    _json_write(doc)
 
 
 def _backend(name: str) -> Backend:
     return "iommufd" if name == "iommufd" else "container"
 
 
-def _usage(message: str) -> int:
+def _usage(args: argparse.Namespace, message: str) -> int:
+    """A usage error found after argparse: as argparse says its own (and, with --json, the
+    document too)."""
     build_parser().print_usage(sys.stderr)
     sys.stderr.write(f"python -m vfiopy.release: error: {message}\n")
+    if args.json:
+        _json_error(message)
     return EXIT_USAGE
-
-
-abandoned_workers = False
-"""Set when a domain timed out: its worker thread may still sit in a hung reset."""
 
 
 def _emit(
@@ -440,12 +462,9 @@ def _emit(
         if dry_run:
             doc["ok"] = plan_ok
             doc["dry_run"] = True
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
+        _json_write(doc)
     if dry_run:
         return EXIT_OK if plan_ok else EXIT_FAILED
-    global abandoned_workers
-    abandoned_workers = abandoned_workers or any(d.timed_out for d in report.domains)
     if not args.quiet:
         for line in summary(report):
             sys.stderr.write(line + "\n")

@@ -1,0 +1,57 @@
+"""What the two command lines (``vfiopy.release``, ``vfiopy.bench``) share about their
+arguments: finite numbers, and usage errors that are a JSON document too with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+def finite(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` would never fire, never end, or not be JSON)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite.__name__ = "finite number"  # argparse: "invalid finite number value: 'nan'"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, keeping its usage error's message for the JSON document."""
+
+    message = ""
+
+    def error(self, message: str) -> NoReturn:
+        self.message = message
+        super().error(message)  # usage and message on stderr, exit 2
+
+
+class _NotParsed(Exception):
+    pass
+
+
+class _JsonOnly(argparse.ArgumentParser):
+    def __init__(self, takes_path: bool) -> None:
+        super().__init__(add_help=False)
+        if takes_path:
+            self.add_argument("--json")
+        else:
+            self.add_argument("--json", action="store_true")
+
+    def error(self, message: str) -> NoReturn:
+        raise _NotParsed(message)
+
+
+def json_option(argv: Sequence[str] | None, takes_path: bool = False) -> str | bool | None:
+    """``--json`` (abbreviated as the whole parser allows) in a command line that the whole
+    parser refused: whether, or where, its usage error is to be a document too. None when
+    it is not there or has no value."""
+    try:
+        value: str | bool | None = _JsonOnly(takes_path).parse_known_args(argv)[0].json
+    except _NotParsed:
+        return None
+    return value
