@@ -1,15 +1,19 @@
-"""Helpers shared by the release tests (trace arithmetic)."""
+"""Helpers shared by the release tests (trace arithmetic, signals during a release)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from vfiopy.release._report import max_overlap
 from vfiopy.sysfs import VFIO_DRIVER, Sysfs
 
 MachineFactory = Callable[..., Any]
+T = TypeVar("T")
 
 
 def vfio_devices(kernel: Any) -> list[str]:
@@ -25,6 +29,29 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def signalled_while_releasing(m: Any, sig: int, count: int, run: Callable[[], T]) -> T:
+    """``run()`` (a CLI run in this process) while ``sig`` comes ``count`` times, 50 ms
+    apart, once ``m`` has begun a release. Meanwhile ``sig`` has a handler that does nothing,
+    until the sending thread is done: it never reaches pytest's own action (SIGTERM's exit,
+    SIGINT's KeyboardInterrupt), which the CLI's handlers would otherwise leave in place."""
+
+    def send() -> None:
+        if wait_until(lambda: bool(m.events("release")), timeout=10):
+            for i in range(count):
+                if i:
+                    time.sleep(0.05)
+                os.kill(os.getpid(), sig)
+
+    old = signal.signal(sig, lambda *_: None)
+    t = threading.Thread(target=send)
+    try:
+        t.start()
+        return run()
+    finally:
+        t.join()
+        signal.signal(sig, old)
 
 
 def overlap(events: list[Any]) -> int:

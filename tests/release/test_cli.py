@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import anyio
@@ -17,9 +16,9 @@ from release_helpers import (
     MachineFactory,
     concurrent,
     overlap,
+    signalled_while_releasing,
     slow_resets,
     vfio_devices,
-    wait_until,
 )
 
 from vfiopy.release import acquire
@@ -243,22 +242,10 @@ def test_sigterm_mid_release_still_releases_every_fd(
     m = machine("gpus:8")
     cli = m.spawn(name="cli")
     addrs = vfio_devices(cli)
-    for a in addrs:
-        m.faults.slow_reset(a, 1.0)
-
-    def kill_when_releasing() -> None:
-        if wait_until(lambda: bool(m.events("release")), timeout=10):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    # A safety net: SIGTERM must never reach pytest's default action.
-    old = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        t = threading.Thread(target=kill_when_releasing)
-        t.start()
-        code, doc, err = run([*addrs, "--json"], cli, capsys)
-        t.join()
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    slow_resets(m, addrs, 1.0)
+    code, doc, err = signalled_while_releasing(
+        m, signal.SIGTERM, 1, lambda: run([*addrs, "--json"], cli, capsys)
+    )
     check_schema(doc)
     assert len(doc["devices"]) == 16
     assert all(r["status"] == "released" for r in doc["devices"])

@@ -9,10 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
-from release_helpers import MachineFactory, vfio_devices, wait_until
+from release_helpers import MachineFactory, signalled_while_releasing, slow_resets, vfio_devices
 from test_cli import check_schema, run
 
 # A CLI run in a child process, a signal sent to itself at a chosen point (so that a
@@ -80,23 +79,10 @@ def test_ctrl_c_says_what_is_left_and_a_second_why_it_cannot_stop_sooner(
     m = machine("gpus:4")
     cli = m.spawn(name="cli")
     addrs = vfio_devices(cli)
-    for a in addrs:
-        m.faults.slow_reset(a, 50.0)  # 1 s at the tests' time scale: the signals come first
-
-    def interrupt_twice() -> None:
-        if wait_until(lambda: bool(m.events("release")), timeout=10):
-            os.kill(os.getpid(), signal.SIGINT)
-            wait_until(lambda: False, timeout=0.05)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    old = signal.signal(signal.SIGINT, lambda *_: None)  # never pytest's KeyboardInterrupt
-    try:
-        t = threading.Thread(target=interrupt_twice)
-        t.start()
-        code, doc, err = run([*addrs, "--json"], cli, capsys)
-        t.join()
-    finally:
-        signal.signal(signal.SIGINT, old)
+    slow_resets(m, addrs, 50.0)  # 1 s at the tests' time scale: the signals come first
+    code, doc, err = signalled_while_releasing(
+        m, signal.SIGINT, 2, lambda: run([*addrs, "--json"], cli, capsys)
+    )
     check_schema(doc)
     assert code == 0, err
     assert all(r["status"] == "released" for r in doc["devices"])
