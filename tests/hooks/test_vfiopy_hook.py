@@ -108,6 +108,16 @@ def test_stopped_gives_up_after_the_bound(host: Host, launcher: str) -> None:
     assert any("still runs after 1s" in line for line in host.log_lines())
 
 
+def test_stopped_after_the_guardian_finished(host: Host) -> None:
+    # A fast release ends before libvirt calls `stopped`: said the same way, pid file gone.
+    g = releasing_guardian(host, "setsid")
+    host.open_gate()
+    assert wait_until(lambda: host.finished(g) and not alive(g["pid"]))
+    assert_quiet_success(host.hook(GUEST, "stopped", "end", "-"))
+    assert any("has finished" in line for line in host.log_lines())
+    assert not (host.run_dir / f"libvirt-{GUEST}.pid").exists()
+
+
 def test_stopped_without_guardian_returns_at_once(host: Host) -> None:
     assert_quiet_success(host.hook(GUEST, "stopped", "end", "-"))
     assert host.log_lines() == []
