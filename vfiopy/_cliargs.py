@@ -55,3 +55,26 @@ def json_option(argv: Sequence[str] | None, takes_path: bool = False) -> str | b
     except _NotParsed:
         return None
     return value
+
+
+def verbosity_options(p: argparse.ArgumentParser, verbose_help: str) -> None:
+    """``-v`` (counted) and ``-q``: the log events on stderr."""
+    p.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only on stderr")
+
+
+def simulate_option(
+    p: argparse.ArgumentParser, example: str, more: str = ""
+) -> argparse._ArgumentGroup:
+    """The simulator's group with ``--simulate TOPOLOGY`` (default ``$VFIOPY_SIMULATE``)."""
+    import os
+
+    sim = p.add_argument_group("simulator (no hardware needed)")
+    sim.add_argument(
+        "--simulate",
+        metavar="TOPOLOGY",
+        default=os.environ.get("VFIOPY_SIMULATE") or None,
+        help=f"run against the kernel simulator with this topology, e.g. {example} "
+        f"(default: $VFIOPY_SIMULATE){more}",
+    )
+    return sim

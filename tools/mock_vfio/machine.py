@@ -38,6 +38,7 @@ from mock_vfio.config import (
     PCI_COMMAND_MEMORY,
     ConfigSpace,
 )
+from mock_vfio.hostdrv import HostDrivers
 from mock_vfio.topology import (
     Bar,
     BridgeSpec,
@@ -436,6 +437,7 @@ class Machine:
         self._mmio64_next = 0x40_0000_0000
         self._io_next = 0x1000
         self.closed = False
+        self.host = HostDrivers(self)  # host drivers: probe/remove costs, netdevs, disks
         self._build()
 
     # --- construction --------------------------------------------------------------
@@ -913,6 +915,7 @@ class Machine:
         if driver == "vfio-pci" and dev.numvfs:
             # vfio_pci_core_register_device refuses a PF with VFs enabled
             raise oserror(errno.EBUSY, f"{dev.addr} has SR-IOV enabled")
+        self.host.probing(dev, driver)  # the driver's probe, on the writer's thread
         dev.driver = driver
         if driver == "vfio-pci":
             self._vfio_register(dev)
@@ -934,13 +937,14 @@ class Machine:
         if dev.driver == "vfio-pci":
             self._vfio_unregister(dev)
         old = dev.driver
+        self.host.removing(dev, old)  # the driver's remove, on the writer's thread
         dev.driver = None
         t = now()
         self.record(Event("unbind", t, t, thread_name(), dev.addr, value=old))
 
     def probe(self, dev: Device) -> None:
         """``drivers_probe``: bind the override driver, else a matching one."""
-        if dev.driver is not None or dev.removed:
+        if dev.driver is not None or dev.removed or not self.host.can_probe(dev):
             return
         want = dev.driver_override
         if want is None:

@@ -174,6 +174,17 @@ def _write_numvfs(m: Machine, dev: Device, data: str) -> None:
     m.set_numvfs(dev, n)
 
 
+def _write_autoprobe(m: Machine, dev: Device, data: str) -> None:
+    # sriov_drivers_autoprobe_store: kstrtobool, anything else is EINVAL
+    val = data.strip().lower()
+    if val in ("1", "y", "yes", "on", "true"):
+        m.host.autoprobe[dev.addr] = True
+    elif val in ("0", "n", "no", "off", "false"):
+        m.host.autoprobe[dev.addr] = False
+    else:
+        raise oserror(errno.EINVAL, "sriov_drivers_autoprobe")
+
+
 def _write_reset(m: Machine, dev: Device, data: str) -> None:
     if data.strip() != "1":
         raise oserror(errno.EINVAL, "reset")
@@ -250,7 +261,10 @@ def _device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None
         if name == "sriov_vf_device":
             return Attr(lambda: f"{s.vf_device:x}\n")
         if name == "sriov_drivers_autoprobe":
-            return Attr(lambda: "1\n")
+            return Attr(
+                lambda: f"{int(m.host.sriov_autoprobe(dev))}\n",
+                lambda v: _write_autoprobe(m, dev, v),
+            )
         if name.startswith("virtfn") and name[6:].isdigit():
             i = int(name[6:])
             if i < len(dev.vfs):
@@ -376,7 +390,11 @@ def _lookup(proc: SimProcess, parts: list[str]) -> Node | None:
 def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
     n = len(p)
     if n == 0:
-        return Dir(["bus", "devices", "kernel", "module"])
+        return Dir(["block", "bus", "class", "devices", "kernel", "module"])
+    if p[0] in ("block", "class"):
+        from mock_vfio.hostfs import lookup_block, lookup_class
+
+        return (lookup_block if p[0] == "block" else lookup_class)(m, p[1:])
     if p[0] == "bus":
         if n == 1:
             return Dir(["pci"])
@@ -448,6 +466,10 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
                 return None
             if len(rest) == 1:
                 return _device_entry(m, dev, rest[0], depth)
+            if rest[0] in ("net", "nvme"):
+                from mock_vfio.hostfs import lookup_below
+
+                return lookup_below(m, dev, rest)
             return None
         if i == n and owner is not None:
             return Dir(
@@ -677,6 +699,10 @@ def _lookup_proc(proc: SimProcess, p: list[str]) -> Node | None:
             major, minor = m.kernel_version
             return Attr(_const(f"{major}.{minor}.0-mock\n"))
         return None
+    if p[0] in ("mounts", "swaps", "net"):
+        from mock_vfio.hostfs import lookup_proc
+
+        return lookup_proc(m, p)
     if p[0] == "self":
         return Link(str(proc.pid)) if n == 1 else None
     if not p[0].isdigit():
