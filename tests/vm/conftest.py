@@ -111,6 +111,16 @@ class Guests:
             self._current = None
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/vm is in the `vm` tier (it boots QEMU), whether or not its module
+    says so; tryfirst, so that `-m "not vm"` (the quick tier) sees the marker."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in item.path.resolve().parents:
+            item.add_marker(pytest.mark.vm)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for text in HUNG_GUESTS:
         terminalreporter.write_sep("=", "a QEMU guest hung or died", yellow=True)
