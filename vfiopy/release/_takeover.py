@@ -289,16 +289,28 @@ async def release_files(
     domains are done.
     """
     jobs = _jobs(t)
+    files, close_others = _close_others(t)
+    box: list[Report] = []
+
+    async def devices() -> None:
+        box.append(
+            await run_domains(
+                "release",
+                jobs,
+                event="release.device",
+                max_parallel=max_parallel,
+                timeout=timeout,
+                progress=progress,
+            )
+        )
+
+    # Side by side: a last group or container reference (a group with no device open)
+    # may unpin a whole guest's memory, which must not hold up the device releases.
     with anyio.CancelScope(shield=True):
-        files = await _close_others(t)
-    report = await run_domains(
-        "release",
-        jobs,
-        event="release.device",
-        max_parallel=max_parallel,
-        timeout=timeout,
-        progress=progress,
-    )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, close_others)
+            tg.start_soon(devices)
+    report = box[0]
     report.pid = t.pid
     report.files = files
     if t.exited_early:
@@ -388,19 +400,18 @@ def _closer(kernel: Kernel, f: VfioFile) -> Callable[[], None]:
     return fn
 
 
-async def _close_others(t: Takeover) -> list[FileResult]:
-    """Close group, then container and iommufd references; the last close of each unpins."""
-    out: list[FileResult] = []
-    for kinds in (("group",), ("container", "iommufd")):
-        batch = [f for f in _others(t) if f.kind in kinds and f.dup is not None]
-        results = [FileResult(f.kind, f.link, list(f.fds)) for f in batch]
-        async with anyio.create_task_group() as tg:
-            for f, r in zip(batch, results, strict=True):
-                tg.start_soon(
-                    anyio.to_thread.run_sync, _close_file, t.kernel, _closer(t.kernel, f), r
-                )
-        out += results
-    return out
+def _close_others(t: Takeover) -> tuple[list[FileResult], Callable[[], None]]:
+    """The group, container and iommufd references (groups first), and a blocking call
+    that closes them in turn; each close is a reference drop while device files are open."""
+    batch = [f for f in _others(t) if f.dup is not None]
+    results = [FileResult(f.kind, f.link, list(f.fds)) for f in batch]
+    closers = [_closer(t.kernel, f) for f in batch]
+
+    def close_all() -> None:
+        for fn, r in zip(closers, results, strict=True):
+            _close_file(t.kernel, fn, r)
+
+    return results, close_all
 
 
 def _close_file(kernel: Kernel, fn: Callable[[], None], r: FileResult) -> None:
