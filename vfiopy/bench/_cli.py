@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from vfiopy._cliargs import Parser, finite, json_option
-from vfiopy.bench._modes import MODES, Mode, parse_mode
+from vfiopy.bench._modes import HOST_MODES, MODES, Mode, parse_mode
 from vfiopy.bench._progress import Progress
 from vfiopy.bench._report import (
     PlotUnavailable,
@@ -102,7 +102,9 @@ _positive.__name__ = "whole number >= 1"
 
 
 def _parser() -> Parser:
-    modes = "; ".join(f"{m.name} ({m.letter}): {m.about}" for m in MODES.values())
+    modes = "; ".join(
+        f"{m.name} ({m.letter}): {m.about}" for m in (*MODES.values(), *HOST_MODES.values())
+    )
     p = Parser(
         prog="python -m vfiopy.bench",
         description="Time how long N VFIO devices take to release (and to open): "

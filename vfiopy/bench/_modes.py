@@ -192,6 +192,8 @@ class Mode:
     phase: str
     run: Callable[[System], Window]
     about: str
+    # The modelled lower bound, unscaled seconds, for modes not bounded by resets
+    bound: Callable[[System], float] | None = None
 
 
 MODES: dict[str, Mode] = {
@@ -220,13 +222,44 @@ MODES: dict[str, Mode] = {
         ),
     )
 }
-_BY_LETTER = {m.letter: m for m in MODES.values()}
+
+
+# Host-driver modes (simulator only, vfiopy.bench._hostmodes): asked for by name, never
+# in the default sweep of the release benchmark.
+def _host_modes() -> dict[str, Mode]:
+    from vfiopy.bench import _hostmodes as h
+
+    return {
+        m.name: m
+        for m in (
+            Mode(
+                "restore-parallel",
+                "r",
+                h.HOST,
+                h.mode_restore_parallel,
+                "vfiopy-bind restore: host drivers back, probes in parallel (simulator)",
+                h.bound_parallel,
+            ),
+            Mode(
+                "restore-serial",
+                "s",
+                h.HOST,
+                h.mode_restore_serial,
+                "the same one device at a time, as a serial reattach does (simulator)",
+                h.bound_serial,
+            ),
+        )
+    }
+
+
+HOST_MODES = _host_modes()
+_BY_LETTER = {m.letter: m for m in (*MODES.values(), *HOST_MODES.values())}
 
 
 def parse_mode(text: str) -> Mode:
     """A mode by name or by its letter from the original report (e, c, t, p)."""
-    m = MODES.get(text) or _BY_LETTER.get(text)
+    m = MODES.get(text) or HOST_MODES.get(text) or _BY_LETTER.get(text)
     if m is None:
-        names = ", ".join(f"{m.name} ({m.letter})" for m in MODES.values())
+        names = ", ".join(f"{m.name} ({m.letter})" for m in (*MODES.values(), *HOST_MODES.values()))
         raise ValueError(f"unknown mode {text!r}; modes: {names}")
     return m

@@ -23,6 +23,8 @@ TEARDOWN_FACTOR = 1.10
 TEARDOWN_SLACK_S = 0.020
 VFS_FACTOR = 1.5
 ACQUIRE_FACTOR = 1.10
+# Restoring host drivers: about one probe, plus the checks and a thread per device.
+RESTORE_FACTOR = 1.25
 CPU_TARGET_MS = 0.5
 
 
@@ -48,6 +50,8 @@ def target_for(mode: Mode, topology: str, lower_bound_s: float) -> float | None:
             # start-up for each domain is the cost; the issue allows 1.5x.
             return VFS_FACTOR * lower_bound_s
         return TEARDOWN_FACTOR * lower_bound_s + TEARDOWN_SLACK_S
+    if mode.name == "restore-parallel":
+        return RESTORE_FACTOR * lower_bound_s + TEARDOWN_SLACK_S
     if mode.name in ("acquire", "acquire-planned") and lower_bound_s > 0:
         return ACQUIRE_FACTOR * lower_bound_s
     return None
@@ -76,7 +80,10 @@ def run_point(make: SystemFactory, point: Point, time_scale: float) -> RunResult
         )
     costs = system.costs
     phase_costs = costs.teardown if mode.phase == TEARDOWN else costs.bringup
-    bound = costs.lower_bound(phase_costs, system.serialised) * time_scale
+    if mode.bound is not None:  # host-driver modes: probes, not resets
+        bound = mode.bound(system) * time_scale
+    else:
+        bound = costs.lower_bound(phase_costs, system.serialised) * time_scale
     result = RunResult(
         mode=mode.name,
         phase=mode.phase,
@@ -87,7 +94,13 @@ def run_point(make: SystemFactory, point: Point, time_scale: float) -> RunResult
         topology=system.topology,
         n_functions=sum(len(g.devices) for g in system.groups),
         n_domains=len({g.domain for g in system.groups}),
-        expected_resets=costs.teardown_resets if mode.phase == TEARDOWN else costs.bringup_resets,
+        expected_resets=(
+            0
+            if mode.bound is not None
+            else costs.teardown_resets
+            if mode.phase == TEARDOWN
+            else costs.bringup_resets
+        ),
         lower_bound_s=bound,
         target_s=target_for(mode, system.topology, bound),
     )
