@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from vfiopy._uapi import (
     Cap,
     Closable,
     DeviceFlag,
+    Feature,
     FeatureFlag,
     PciRegion,
     Struct,
@@ -108,10 +110,13 @@ class Device(Closable):
 
     # --- construction ---------------------------------------------------------------
     @classmethod
-    def from_group(cls, group: Group, addr: PciAddress | str) -> Device:
-        """Open ``addr`` through its group (which must have a container with an IOMMU)."""
+    def from_group(
+        cls, group: Group, addr: PciAddress | str, vf_token: uuid.UUID | None = None
+    ) -> Device:
+        """Open ``addr`` through its group (which must have a container with an IOMMU);
+        ``vf_token`` for a VF of a vfio-pci PF (see :meth:`Group.get_device_fd`)."""
         address = PciAddress.of(addr)
-        fd = group.get_device_fd(address)
+        fd = group.get_device_fd(address, vf_token)
         try:
             return cls(address, fd, group.kernel, group=group)
         except BaseException:
@@ -324,6 +329,12 @@ class Device(Closable):
 
     def feature_set(self, feature: int, data: bytes) -> None:
         self._feature(feature | FeatureFlag.SET, data, f"set feature {feature}")
+
+    def set_vf_token(self, token: uuid.UUID) -> None:
+        """Share ``token`` with this PF's VFs (``VFIO_DEVICE_FEATURE_PCI_VF_TOKEN``, Linux 5.7+;
+        the PF bound to vfio-pci): each VF then opens only with the same UUID, given as
+        ``vf_token=`` (:meth:`Session.open_device`).  ENOTTY on a device that is not a PF."""
+        self._feature(Feature.PCI_VF_TOKEN | FeatureFlag.SET, token.bytes, "set VF token")
 
     # --- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

@@ -9,6 +9,7 @@ only once the container has an IOMMU set (EINVAL before).
 from __future__ import annotations
 
 import errno
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from vfiopy._fdguard import FdGuard
@@ -42,6 +43,14 @@ _DEVICE_ADVICE = {
     errno.EINVAL: "the group needs a container with an IOMMU first "
     "(Group.set_container, then Container.set_iommu)",
     errno.ENODEV: "the device is not in this group or not bound to vfio-pci",
+    errno.EACCES: "a VF of a PF bound to vfio-pci (and a PF whose VFs are open) needs the VF "
+    "token the PF's user set with VFIO_DEVICE_FEATURE_PCI_VF_TOKEN: open it with vf_token=, "
+    "the same UUID",
+}
+_VF_TOKEN_ADVICE = {
+    **_DEVICE_ADVICE,
+    errno.EINVAL: "a VF token goes only to a VF whose PF is bound to vfio-pci, or to such a "
+    "PF; otherwise the group needs a container with an IOMMU first",
 }
 
 
@@ -177,9 +186,16 @@ class Group(Closable):
             self.container.note_detached(self.number)
             self.container = None
 
-    def get_device_fd(self, addr: PciAddress | str) -> int:
-        """Open a device of the group; this is where the kernel resets it."""
-        name = str(PciAddress.of(addr))
+    def get_device_fd(self, addr: PciAddress | str, vf_token: uuid.UUID | None = None) -> int:
+        """Open a device of the group; this is where the kernel resets it.
+
+        ``vf_token``: the VF token shared with the PF's vfio-pci user, which a VF of a
+        vfio-pci PF needs (and a PF whose VFs are in use), passed as the kernel's
+        ``vfio_pci_core_match`` reads it: ``ADDR vf_token=UUID``.  A missing or wrong one
+        is EACCES.
+        """
+        addr_text = str(PciAddress.of(addr))
+        name = addr_text if vf_token is None else f"{addr_text} vf_token={vf_token}"
         arg = ffi.new("char[]", name.encode())
         with self.guard.hold(OpenDeviceError, "VFIO_GROUP_GET_DEVICE_FD") as fd:
             return ioctl(
@@ -188,9 +204,9 @@ class Group(Closable):
                 "VFIO_GROUP_GET_DEVICE_FD",
                 arg,
                 error=OpenDeviceError,
-                device=name,
+                device=addr_text,
                 detail=self.name,
-                advice=_DEVICE_ADVICE,
+                advice=_VF_TOKEN_ADVICE if vf_token is not None else _DEVICE_ADVICE,
             )
 
     def close(self) -> None:

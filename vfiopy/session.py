@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -125,8 +126,13 @@ class Session(Closable):
                 f"driverctl set-override {name} {VFIO_DRIVER}",
             )
 
-    def open_device(self, addr: PciAddress | str) -> Device:
-        """Open ``addr``: check sysfs, open its group (once) or cdev, and the device fd."""
+    def open_device(self, addr: PciAddress | str, vf_token: uuid.UUID | None = None) -> Device:
+        """Open ``addr``: check sysfs, open its group (once) or cdev, and the device fd.
+
+        ``vf_token``: for a VF whose PF is bound to vfio-pci, the token the PF's user set
+        (:meth:`Device.set_vf_token`); group path only (the cdev path presents it at
+        VFIO_DEVICE_BIND_IOMMUFD from Linux 6.17, which this binding does not declare yet).
+        """
         a = PciAddress.of(addr)
         with self._lock:
             if self.closed:
@@ -141,7 +147,7 @@ class Session(Closable):
             self._opening.add(a)
         t0 = time.monotonic()
         try:
-            dev = self._open_new(a)
+            dev = self._open_new(a, vf_token)
         finally:
             # Only now, with the device registered or undone, may close go on.
             with self._lock:
@@ -150,16 +156,24 @@ class Session(Closable):
         log.debug("device opened", bdf=str(a), elapsed_s=round(time.monotonic() - t0, 6))
         return dev
 
-    def _open_new(self, a: PciAddress) -> Device:
+    def _open_new(self, a: PciAddress, vf_token: uuid.UUID | None = None) -> Device:
         """Open ``a`` and register it; undone when the session closed meanwhile."""
         slot: _GroupSlot | None = None
         try:
             self._check_bindable(a)
             if self.iommufd is not None and self.ioas_id is not None:
+                if vf_token is not None:
+                    raise OpenDeviceError(
+                        errno.EOPNOTSUPP,
+                        str(a),
+                        detail="a VF token on the cdev path (VFIO_DEVICE_BIND_FLAG_TOKEN) is not "
+                        "in this binding",
+                        advice="open it with the container backend (Session(), the group path)",
+                    )
                 dev = Device.from_cdev(a, self.iommufd, self.ioas_id, self.kernel, self.sysfs)
             else:
                 slot, group = self._acquire_group(self.sysfs.iommu_group(a))
-                dev = Device.from_group(group, a)
+                dev = Device.from_group(group, a, vf_token)
         except BaseException:
             if slot is not None:
                 self._release_group(slot)

@@ -23,6 +23,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _structlog_defaults() -> Iterator[None]:
+    # Before too: a CLI test elsewhere may have left structlog on a stream since closed.
+    structlog.reset_defaults()
     yield
     structlog.reset_defaults()  # the CLI tests configure structlog as the CLI does
 

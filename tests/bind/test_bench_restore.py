@@ -11,7 +11,7 @@ from vfiopy.bench._sim import SimFactory
 from vfiopy.bench._sweep import Point, run_point
 
 N = 6
-SCALE = 0.1  # nvme's 0.4 s probe: 40 ms, far beyond a thread's start-up
+SCALE = 0.5  # nvme's 0.4 s probe: 200 ms, far beyond a thread's start-up
 
 
 def _run(name: str) -> tuple[object, list[tuple[float, float]]]:

@@ -471,6 +471,7 @@ class GroupFile(File):
         if request == Ioctl.GROUP_GET_DEVICE_FD:
             name = ffi.string(ffi.cast("char *", addr_of(arg)), PAGE).decode(errors="replace")
             dev = self._find(name)
+            self.machine.host.match_device_name(dev, name)  # vf_token= (vfio_pci_core_match)
             if g.container is None or g.container.iommu is None:
                 raise oserror(errno.EINVAL, "group has no container with an IOMMU set")
             df = DeviceFile(self.machine, dev, self, None)
@@ -1093,6 +1094,13 @@ class DeviceFile(File):
                 raise oserror(errno.EINVAL, "BUS_MASTER op")
             cmd = dev.config.command()
             dev.set_command(cmd | 4 if op else cmd & ~4, "user")
+            return 0
+        if feature == Feature.PCI_VF_TOKEN and dev.spec.sriov_total and not dev.is_vf:
+            # vfio_pci_core_feature_token: a PF's vf_token, SET only, a 16-byte UUID
+            if not self._check_feature(flags, payload, FeatureFlag.SET, 16):
+                return 0
+            raw = bytes(ffi.buffer(ffi.cast("char *", a + minsz), 16))
+            self.machine.host.set_vf_token(dev, raw)
             return 0
         # vfio_pci_core_ioctl_feature: anything else is not implemented here
         raise oserror(errno.ENOTTY, f"feature {feature}")

@@ -31,12 +31,14 @@ when it has a ``driver_override`` (``pci_device_can_probe`` in
 
 from __future__ import annotations
 
+import errno
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mock_vfio.topology import split_addr
-from mock_vfio.trace import Event, now, thread_name
+from mock_vfio.trace import Event, now, oserror, thread_name
 
 if TYPE_CHECKING:
     from mock_vfio.machine import Device, Machine
@@ -116,6 +118,8 @@ class HostDrivers:
         self._fb_index: dict[str, int] = {}
         self.probes = 0
         self.removes = 0
+        self.vfio_enable_sriov = False  # vfio-pci's enable_sriov module parameter
+        self.vf_tokens: dict[str, str] = {}  # PF address -> its VF token, a UUID's text
 
     # --- costs -------------------------------------------------------------------------
 
@@ -145,6 +149,83 @@ class HostDrivers:
         if not dev.is_vf or dev.driver_override is not None or dev.spec.physfn is None:
             return True
         return self.autoprobe.get(dev.spec.physfn, True)
+
+    # --- SR-IOV ----------------------------------------------------------------------------
+
+    def sriov_configure(self, pf: Device, n: int) -> None:
+        """A write of ``n`` to the PF's ``sriov_numvfs`` (``sriov_numvfs_store``, Linux 6.1:
+        ERANGE above sriov_totalvfs, nothing for the same count, ENOENT without a PF driver
+        that configures SR-IOV, EBUSY for another non-zero count)."""
+        m = self.machine
+        if n > pf.spec.sriov_total:
+            raise oserror(errno.ERANGE, f"{n} > sriov_totalvfs {pf.spec.sriov_total}")
+        if n == pf.numvfs:
+            return
+        if pf.driver is None:
+            raise oserror(errno.ENOENT, f"{pf.addr}: no driver bound; cannot configure SR-IOV")
+        if pf.driver == "vfio-pci" and not self.vfio_enable_sriov:
+            # vfio_pci_sriov_configure without the enable_sriov module parameter
+            raise oserror(errno.ENOENT, f"{pf.addr}: vfio-pci's enable_sriov is off")
+        if n == 0:
+            if any(vf.open_count for vf in pf.vfs):
+                raise oserror(errno.EBUSY, f"{pf.addr}: a VF is in use")
+            for vf in pf.vfs:  # pci_iov_remove_virtfn: each VF's driver is removed
+                if vf.driver is not None:
+                    self.removing(vf, vf.driver)
+        m.set_numvfs(pf, n, probe=True)
+
+    def vf_added(self, vf: Device) -> None:
+        """``pci_iov_add_virtfn``: the VF appears, then the bus probes it when it may."""
+        self.machine.sleep(VF_ADD_COST)
+        self.machine.probe(vf)
+
+    def _token(self, pf: Device) -> str:
+        # vfio_pci_vf_init: a random token until the user sets one
+        with self.lock:
+            return self.vf_tokens.setdefault(pf.addr, str(uuid.uuid4()))
+
+    def set_vf_token(self, pf: Device, raw: bytes) -> None:
+        with self.lock:
+            self.vf_tokens[pf.addr] = str(uuid.UUID(bytes=raw))
+
+    def match_device_name(self, dev: Device, name: str) -> None:
+        """``vfio_pci_core_match``: ``ADDR [vf_token=UUID]``, then the token's check."""
+        rest = name[len(dev.addr) :]
+        token: str | None = None
+        for opt in rest.split():
+            if token is None and opt.startswith("vf_token="):
+                try:
+                    token = str(uuid.UUID(opt[len("vf_token=") :]))
+                except ValueError as exc:
+                    raise oserror(errno.EINVAL, f"bad VF token in {name!r}") from exc
+            else:
+                raise oserror(errno.EINVAL, f"unknown or repeated option in {name!r}")
+        self.check_vf_token(dev, token)
+
+    def check_vf_token(self, dev: Device, token: str | None) -> None:
+        """``vfio_pci_validate_vf_token`` (drivers/vfio/pci/vfio_pci_core.c, Linux 5.7+)."""
+        m = self.machine
+        if dev.is_vf:
+            pf = m.devices.get(dev.spec.physfn or "")
+            if pf is None or pf.driver != "vfio-pci":
+                if token is not None:
+                    raise oserror(errno.EINVAL, "VF token incorrectly provided, PF not vfio-pci")
+                return
+            if token is None:
+                raise oserror(errno.EACCES, f"{dev.addr}: VF token required to access device")
+            if token != self._token(pf):
+                raise oserror(errno.EACCES, f"{dev.addr}: incorrect VF token provided")
+        elif dev.spec.sriov_total and dev.driver == "vfio-pci":
+            if any(vf.open_count for vf in dev.vfs):  # the token has users
+                if token is None:
+                    raise oserror(errno.EACCES, f"{dev.addr}: VF token required to access device")
+                if token != self._token(dev):
+                    raise oserror(errno.EACCES, f"{dev.addr}: incorrect VF token provided")
+            elif token is not None:
+                with self.lock:
+                    self.vf_tokens[dev.addr] = token
+        elif token is not None:
+            raise oserror(errno.EINVAL, "VF token incorrectly provided, not a PF or VF")
 
     # --- what bound drivers make ----------------------------------------------------------
 

@@ -524,14 +524,16 @@ class Machine:
 
     # --- SR-IOV ------------------------------------------------------------------
 
-    def set_numvfs(self, pf: Device, n: int) -> None:
+    def set_numvfs(self, pf: Device, n: int, *, probe: bool = False) -> None:
+        """``sriov_numvfs``: ``probe`` (a write at run time, not the topology's boot
+        state) creates the VFs unbound and lets the host probe each (``HostDrivers``)."""
         s = pf.spec
+        if n > s.sriov_total:  # sriov_numvfs_store checks the range first
+            raise oserror(errno.ERANGE, f"{n} > sriov_totalvfs {s.sriov_total}")
         if n == pf.numvfs:
             return
         if n and pf.numvfs:
             raise oserror(errno.EBUSY, "disable VFs first")
-        if n > s.sriov_total:
-            raise oserror(errno.ERANGE, f"{n} > sriov_totalvfs {s.sriov_total}")
         if n == 0:
             for vf in pf.vfs:
                 if vf.open_count:
@@ -561,7 +563,7 @@ class Machine:
                 link_width=s.link_width,
                 flr=True,
                 iommu_group=gid + i,
-                driver=s.vf_driver,
+                driver=None if probe else s.vf_driver,
                 native_driver=s.vf_native_driver,
                 interrupt_pin=0,
                 physfn=pf.addr,
@@ -578,6 +580,8 @@ class Machine:
                     0x2000,
                 )
             pf.vfs.append(self._add_function(spec))
+            if probe:
+                self.host.vf_added(pf.vfs[-1])
         pf.numvfs = n
 
     # --- trace helpers ----------------------------------------------------------------
@@ -962,6 +966,8 @@ class Machine:
         for d in self.devices.values():
             if d.spec.native_driver:
                 names.add(d.spec.native_driver)
+            if d.spec.vf_native_driver:  # the VF driver's module is loaded with the PF's
+                names.add(d.spec.vf_native_driver)
             if d.driver:
                 names.add(d.driver)
         return sorted(names)

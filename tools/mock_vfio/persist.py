@@ -26,13 +26,14 @@ def snapshot(m: Machine) -> dict[str, Any]:
         if not d.removed
     }
     numvfs = {a: d.numvfs for a, d in m.devices.items() if d.numvfs}
-    tokens = {a: t for a, t in getattr(m.host, "vf_tokens", {}).items()}
+    tokens = dict(m.host.vf_tokens)
     return {
         "schema": SCHEMA,
         "topology": m.topology.name,
         "numvfs": numvfs,
         "autoprobe": dict(m.host.autoprobe),
         "vf_tokens": tokens,
+        "vfio_enable_sriov": m.host.vfio_enable_sriov,
         "devices": devices,
     }
 
@@ -49,8 +50,8 @@ def apply(m: Machine, doc: dict[str, Any]) -> None:
                     if pf.numvfs:
                         m.set_numvfs(pf, 0)
                     m.set_numvfs(pf, int(n))
-        if hasattr(m.host, "vf_tokens"):
-            m.host.vf_tokens.update(doc.get("vf_tokens", {}))
+        m.host.vf_tokens.update(doc.get("vf_tokens", {}))
+        m.host.vfio_enable_sriov = bool(doc.get("vfio_enable_sriov", False))
         for a, want in doc.get("devices", {}).items():
             dev = m.devices.get(a)
             if dev is None:

@@ -171,7 +171,7 @@ def _write_numvfs(m: Machine, dev: Device, data: str) -> None:
         n = int(data.strip(), 0)
     except ValueError as e:
         raise oserror(errno.EINVAL, "sriov_numvfs") from e
-    m.set_numvfs(dev, n)
+    m.host.sriov_configure(dev, n)
 
 
 def _write_autoprobe(m: Machine, dev: Device, data: str) -> None:
@@ -183,6 +183,13 @@ def _write_autoprobe(m: Machine, dev: Device, data: str) -> None:
         m.host.autoprobe[dev.addr] = False
     else:
         raise oserror(errno.EINVAL, "sriov_drivers_autoprobe")
+
+
+def _write_enable_sriov(m: Machine, data: str) -> None:
+    val = data.strip()
+    if val not in ("Y", "N", "1", "0", "y", "n"):
+        raise oserror(errno.EINVAL, "enable_sriov")
+    m.host.vfio_enable_sriov = val in ("Y", "1", "y")
 
 
 def _write_reset(m: Machine, dev: Device, data: str) -> None:
@@ -516,7 +523,10 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
     if p[0] == "module":
         mods = {
             "vfio": {"enable_unsafe_noiommu_mode": "N"},
-            "vfio_pci": {"disable_idle_d3": "N"},
+            "vfio_pci": {
+                "disable_idle_d3": "N",
+                "enable_sriov": "Y" if m.host.vfio_enable_sriov else "N",
+            },
             "vfio_iommu_type1": {"dma_entry_limit": "65535", "allow_unsafe_interrupts": "N"},
         }
         if m.iommufd:
@@ -533,6 +543,8 @@ def _lookup_sys(m: Machine, p: list[str]) -> Node | None:
             return Dir(sorted(mods[p[1]]))
         if n == 4 and p[3] in mods[p[1]]:
             val = mods[p[1]][p[3]]
+            if (p[1], p[3]) == ("vfio_pci", "enable_sriov"):  # module_param(..., 0644)
+                return Attr(lambda: val + "\n", lambda v: _write_enable_sriov(m, v))
             return Attr(lambda: val + "\n")
     return None
 

@@ -14,7 +14,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vfiopy._cliargs import Parser, finite, json_option, simulate_option, verbosity_options
@@ -33,8 +34,6 @@ ACTIONS = ("bind", "restore", "status")
 
 
 def build_parser() -> Parser:
-    from vfiopy.bind._ops import DEFAULT_MAX_PARALLEL
-    from vfiopy.bind._state import DEFAULT_STATE_PATH
 
     p = Parser(
         prog=PROG,
@@ -57,10 +56,20 @@ def build_parser() -> Parser:
         help="restore: bind ADDR... to this host driver whatever the state file says "
         "(for a lost state file)",
     )
+    add_run_options(p, "devices")
+    return p
+
+
+def add_run_options(p: Parser, what: str) -> None:
+    """The options vfiopy-bind and vfiopy-sriov share: the state file, --dry-run, --json,
+    --max-parallel, -v/-q and the simulator's."""
+    from vfiopy.bind._ops import DEFAULT_MAX_PARALLEL
+    from vfiopy.bind._state import DEFAULT_STATE_PATH
+
     p.add_argument(
         "--state",
         metavar="PATH",
-        help=f"the state file (default {DEFAULT_STATE_PATH}; with --simulate, one in the "
+        help=f"the bind state file (default {DEFAULT_STATE_PATH}; with --simulate, one in the "
         "simulator's directory)",
     )
     p.add_argument(
@@ -71,9 +80,9 @@ def build_parser() -> Parser:
         "--max-parallel",
         type=int,
         default=DEFAULT_MAX_PARALLEL,
-        help=f"devices worked on at once (default {DEFAULT_MAX_PARALLEL}; 1: one at a time)",
+        help=f"{what} worked on at once (default {DEFAULT_MAX_PARALLEL}; 1: one at a time)",
     )
-    verbosity_options(p, "more log events on stderr (-v: every device, -vv: debug)")
+    verbosity_options(p, f"more log events on stderr (-v: every one of the {what}, -vv: debug)")
     sim = simulate_option(p, "vm-host", "; its bindings are kept between runs in --sim-dir")
     sim.add_argument(
         "--sim-dir",
@@ -84,7 +93,6 @@ def build_parser() -> Parser:
     sim.add_argument(
         "--time-scale", type=finite, help="time scale of the modelled delays (1: real time)"
     )
-    return p
 
 
 def sim_dir(topology: str) -> str:
@@ -144,9 +152,20 @@ def _json_error(action: str, message: str, state: str | None = None) -> None:
     )
 
 
-def _usage(args: argparse.Namespace, message: str) -> int:
-    build_parser().print_usage(sys.stderr)
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+def reset_output() -> None:
+    """A new run: its JSON document is not out yet."""
+    global _written
+    _written = False
+
+
+def json_written() -> bool:
+    return _written
+
+
+def _usage(args: argparse.Namespace, message: str, parser: Parser | None = None) -> int:
+    p = parser if parser is not None else build_parser()
+    p.print_usage(sys.stderr)
+    sys.stderr.write(f"{p.prog}: error: {message}\n")
     if args.json:
         _json_error(args.action, message)
     return EXIT_USAGE
@@ -216,27 +235,31 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         return EXIT_FAILED
 
 
-def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
-    import anyio
-
-    from vfiopy.bind._ops import BindUsageError, bind_devices, restore_devices
-    from vfiopy.bind._state import DEFAULT_STATE_PATH, BindState
-    from vfiopy.errors import VfioError
-    from vfiopy.kernel import default_kernel
-
-    configure_logging(args.verbose, args.quiet, sys.stderr)
+def check_common(args: argparse.Namespace, usage: Callable[[str], int]) -> int | None:
+    """The usage errors every action shares; None when there is none."""
     if args.simulate is not None and not args.simulate.strip():
         from vfiopy.simulate import NO_TOPOLOGY
 
-        return _usage(args, NO_TOPOLOGY)
+        return usage(NO_TOPOLOGY)
     if args.max_parallel < 1 or (args.time_scale is not None and not args.time_scale >= 0):
-        return _usage(args, "--max-parallel must be >= 1 and --time-scale >= 0")
-    if args.action == "bind" and not args.addresses:
-        return _usage(args, "bind needs the devices' addresses")
-    if args.driver is not None and args.action != "restore":
-        return _usage(args, "--driver goes with restore")
-    if args.action == "status" and args.addresses:
-        return _usage(args, "status takes no addresses")
+        return usage("--max-parallel must be >= 1 and --time-scale >= 0")
+    return None
+
+
+@dataclass
+class Target:
+    """What a run acts on: the kernel (a simulated host's with --simulate) and the state file."""
+
+    kernel: Kernel
+    state: BindState
+    host: SimHost | None = None
+
+
+def open_target(args: argparse.Namespace, kernel: Kernel | None) -> Target | int:
+    """The run's :class:`Target`; an int is the exit status of a bad --simulate spec."""
+    from vfiopy.bind._state import DEFAULT_STATE_PATH, BindState
+    from vfiopy.kernel import default_kernel
+
     host: SimHost | None = None
     state_path = args.state
     if kernel is None and args.simulate:
@@ -247,16 +270,58 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
             return _refuse(args, f"--simulate: {exc}", EXIT_USAGE, None)
         kernel = host.kernel
         state_path = state_path or os.path.join(directory, "bind.json")
-    kernel = kernel if kernel is not None else default_kernel()
-    state = BindState(state_path or DEFAULT_STATE_PATH)
+    return Target(
+        kernel if kernel is not None else default_kernel(),
+        BindState(state_path or DEFAULT_STATE_PATH),
+        host,
+    )
+
+
+def run_action(args: argparse.Namespace, target: Target, action: Callable[[], int]) -> int:
+    """``action``'s exit status; a request naming nothing is 2, a refusal or failure 1.
+    A simulated host's new state is kept for the next run."""
+    from vfiopy.bind._ops import BindUsageError
+    from vfiopy.errors import VfioError
+
     try:
+        return action()
+    except (AddressError, BindUsageError) as exc:
+        return _refuse(args, exc, EXIT_USAGE, target.state.path)
+    except VfioError as exc:
+        return _refuse(args, exc, EXIT_FAILED, target.state.path)
+    finally:
+        if target.host is not None and not args.dry_run:
+            target.host.save()
+
+
+def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
+    import anyio
+
+    from vfiopy.bind._ops import bind_devices, restore_devices
+
+    configure_logging(args.verbose, args.quiet, sys.stderr)
+    bad = check_common(args, lambda message: _usage(args, message))
+    if bad is not None:
+        return bad
+    if args.action == "bind" and not args.addresses:
+        return _usage(args, "bind needs the devices' addresses")
+    if args.driver is not None and args.action != "restore":
+        return _usage(args, "--driver goes with restore")
+    if args.action == "status" and args.addresses:
+        return _usage(args, "status takes no addresses")
+    target = open_target(args, kernel)
+    if isinstance(target, int):
+        return target
+    k, state = target.kernel, target.state
+
+    def action() -> int:
         if args.action == "status":
-            return _status(args, kernel, state)
+            return _status(args, k, state)
         if args.action == "bind":
             report = anyio.run(
                 lambda: bind_devices(
                     args.addresses,
-                    kernel=kernel,
+                    kernel=k,
                     state=state,
                     dry_run=args.dry_run,
                     max_parallel=args.max_parallel,
@@ -266,7 +331,7 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
             report = anyio.run(
                 lambda: restore_devices(
                     args.addresses or None,
-                    kernel=kernel,
+                    kernel=k,
                     state=state,
                     driver=args.driver,
                     dry_run=args.dry_run,
@@ -274,13 +339,8 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
                 )
             )
         return emit(args, report)
-    except (AddressError, BindUsageError) as exc:
-        return _refuse(args, exc, EXIT_USAGE, state.path)
-    except VfioError as exc:
-        return _refuse(args, exc, EXIT_FAILED, state.path)
-    finally:
-        if host is not None and not args.dry_run:
-            host.save()
+
+    return run_action(args, target, action)
 
 
 def _status(args: argparse.Namespace, kernel: Kernel, state: BindState) -> int:
