@@ -40,6 +40,20 @@ struct vfio_device_detach_iommufd_pt {
 #define VFIO_DEVICE_DETACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 20)
 #endif
 
+#ifndef VFIO_DEVICE_BIND_FLAG_TOKEN
+#define VFIO_DEVICE_BIND_FLAG_TOKEN (1 << 0)
+#endif
+/* VFIO_DEVICE_BIND_IOMMUFD with a VF token (be2e70b96c3e, Linux 6.17): the layout of
+   struct vfio_device_bind_iommufd from then, under vfiopy's own name, so that an older
+   header's shorter struct stays as it is. */
+struct vfiopy_bind_iommufd_token {
+    __u32 argsz;
+    __u32 flags;
+    __s32 iommufd;
+    __u32 out_devid;
+    __aligned_u64 token_uuid_ptr;
+};
+
 #ifndef VFIO_PCI_HOT_RESET_FLAG_DEV_ID
 #define VFIO_PCI_HOT_RESET_FLAG_DEV_ID (1 << 0)
 #define VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED (1 << 1)
@@ -254,6 +268,7 @@ CDEF_VFIO = """
 #define VFIO_DEVICE_IOEVENTFD ...
 #define VFIO_DEVICE_FEATURE ...
 #define VFIO_DEVICE_BIND_IOMMUFD ...
+#define VFIO_DEVICE_BIND_FLAG_TOKEN ...
 #define VFIO_DEVICE_ATTACH_IOMMUFD_PT ...
 #define VFIO_DEVICE_DETACH_IOMMUFD_PT ...
 #define VFIO_IOMMU_GET_INFO ...
@@ -407,6 +422,10 @@ struct vfio_device_feature_migration { uint64_t flags; ...; };
 struct vfio_device_feature_mig_state { uint32_t device_state; int32_t data_fd; ...; };
 struct vfio_device_bind_iommufd {
     uint32_t argsz; uint32_t flags; int32_t iommufd; uint32_t out_devid; ...;
+};
+struct vfiopy_bind_iommufd_token {
+    uint32_t argsz; uint32_t flags; int32_t iommufd; uint32_t out_devid;
+    uint64_t token_uuid_ptr; ...;
 };
 struct vfio_device_attach_iommufd_pt {
     uint32_t argsz; uint32_t flags; uint32_t pt_id; ...;

@@ -29,6 +29,7 @@ from vfiopy._uapi import (
     ffi,
     ioctl,
     ioctl_info,
+    lib,
     open_node,
 )
 from vfiopy.errors import (
@@ -131,8 +132,10 @@ class Device(Closable):
         ioas_id: int,
         kernel: Kernel | None = None,
         sysfs: Sysfs | None = None,
+        vf_token: uuid.UUID | None = None,
     ) -> Device:
-        """Open ``addr``'s VFIO cdev, bind it to ``iommufd`` and attach it to ``ioas_id``."""
+        """Open ``addr``'s VFIO cdev, bind it to ``iommufd`` and attach it to ``ioas_id``;
+        ``vf_token`` for a VF of a vfio-pci PF (VFIO_DEVICE_BIND_FLAG_TOKEN, Linux 6.17+)."""
         address = PciAddress.of(addr)
         k = kernel if kernel is not None else iommufd.kernel
         path = (sysfs if sysfs is not None else Sysfs(k)).cdev(address)
@@ -147,7 +150,15 @@ class Device(Closable):
             )
         fd = open_node(k, path, O_RDWR, error=OpenDeviceError, device=str(address))
         try:
-            bind = Struct("struct vfio_device_bind_iommufd")
+            if vf_token is None:
+                bind = Struct("struct vfio_device_bind_iommufd")
+            else:
+                # The VF token rides along from Linux 6.17 (VFIO_DEVICE_BIND_FLAG_TOKEN);
+                # an older kernel refuses the flag with EINVAL.
+                bind = Struct("struct vfiopy_bind_iommufd_token")
+                uuid_buf = ffi.new("uint8_t[16]", vf_token.bytes)
+                bind.p.flags = lib.VFIO_DEVICE_BIND_FLAG_TOKEN
+                bind.p.token_uuid_ptr = int(ffi.cast("uintptr_t", uuid_buf))
             # Binding is the open: vfio-pci enables and resets the device here.
             with iommufd.guard.hold(BindIommufdError, "VFIO_DEVICE_BIND_IOMMUFD") as ictx:
                 bind.p.iommufd = ictx
@@ -160,7 +171,18 @@ class Device(Closable):
                     device=str(address),
                     advice={
                         errno.EBUSY: "the device is already bound to an iommufd or open "
-                        "through its group"
+                        "through its group",
+                        errno.EACCES: "a VF of a PF bound to vfio-pci needs the VF token its "
+                        "PF's user set: give vf_token=, the same UUID",
+                        errno.EINVAL: "a VF token on the cdev path needs Linux 6.17+; use the "
+                        "container backend (the group path) before that",
+                    }
+                    if vf_token is not None
+                    else {
+                        errno.EBUSY: "the device is already bound to an iommufd or open "
+                        "through its group",
+                        errno.EACCES: "a VF of a PF bound to vfio-pci needs the VF token its "
+                        "PF's user set: give vf_token=, the same UUID",
                     },
                 )
             attach = Struct("struct vfio_device_attach_iommufd_pt")

@@ -130,8 +130,8 @@ class Session(Closable):
         """Open ``addr``: check sysfs, open its group (once) or cdev, and the device fd.
 
         ``vf_token``: for a VF whose PF is bound to vfio-pci, the token the PF's user set
-        (:meth:`Device.set_vf_token`); group path only (the cdev path presents it at
-        VFIO_DEVICE_BIND_IOMMUFD from Linux 6.17, which this binding does not declare yet).
+        (:meth:`Device.set_vf_token`): ``ADDR vf_token=UUID`` on the group path, the bind's
+        token (VFIO_DEVICE_BIND_FLAG_TOKEN, Linux 6.17+) on the cdev path.
         """
         a = PciAddress.of(addr)
         with self._lock:
@@ -162,15 +162,9 @@ class Session(Closable):
         try:
             self._check_bindable(a)
             if self.iommufd is not None and self.ioas_id is not None:
-                if vf_token is not None:
-                    raise OpenDeviceError(
-                        errno.EOPNOTSUPP,
-                        str(a),
-                        detail="a VF token on the cdev path (VFIO_DEVICE_BIND_FLAG_TOKEN) is not "
-                        "in this binding",
-                        advice="open it with the container backend (Session(), the group path)",
-                    )
-                dev = Device.from_cdev(a, self.iommufd, self.ioas_id, self.kernel, self.sysfs)
+                dev = Device.from_cdev(
+                    a, self.iommufd, self.ioas_id, self.kernel, self.sysfs, vf_token
+                )
             else:
                 slot, group = self._acquire_group(self.sysfs.iommu_group(a))
                 dev = Device.from_group(group, a, vf_token)

@@ -159,3 +159,41 @@ async def test_vfio_pf_needs_enable_sriov(host: Machine, proc: SimProcess) -> No
     with pytest.raises(BindRefused) as info:
         await enable_vfs(PF, 2, kernel=proc)
     assert "enable_sriov" in str(info.value)
+
+
+@pytest.mark.parametrize("version", [(6, 1), (6, 17)])
+async def test_vf_token_on_the_cdev_path(version: tuple[int, int]) -> None:
+    from mock_vfio import load_topology
+    from sriov_helpers import PF as pf
+
+    from vfiopy.errors import BindIommufdError
+    from vfiopy.sysfs import Sysfs
+
+    m = Machine(load_topology("vm-host"), time_scale=0.01, kernel_version=version)
+    try:
+        p = m.spawn(name="vfiopy")
+        m.host.vfio_enable_sriov = True
+        Sysfs(p).bind_vfio(pf)
+        assert (await enable_vfs(pf, 2, bind=[0, 1], kernel=p)).ok
+        vf = m.devices[pf].vfs[0].addr
+        token = uuid.uuid4()
+        with Session(kernel=p) as pf_user:
+            pf_user.open_device(pf).set_vf_token(token)
+        with Session(kernel=p, backend="iommufd") as s:
+            if version < (6, 17):
+                # VFIO_DEVICE_BIND_FLAG_TOKEN is unknown there: EINVAL, and the cdev
+                # path checks no token at all
+                with pytest.raises(BindIommufdError) as old:
+                    s.open_device(vf, vf_token=token)
+                assert old.value.errno == errno.EINVAL and "6.17" in str(old.value)
+                assert str(s.open_device(vf).address) == vf
+                return
+            with pytest.raises(BindIommufdError) as missing:
+                s.open_device(vf)
+            assert missing.value.errno == errno.EACCES
+            with pytest.raises(BindIommufdError) as wrong:
+                s.open_device(vf, vf_token=uuid.uuid4())
+            assert wrong.value.errno == errno.EACCES
+            assert str(s.open_device(vf, vf_token=token).address) == vf
+    finally:
+        m.close()

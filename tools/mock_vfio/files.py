@@ -1134,8 +1134,7 @@ class DeviceFile(File):
         ct = "struct vfio_device_bind_iommufd"
         check_argsz(a, ct, "out_devid")
         p = as_struct(a, ct)
-        if p.flags:
-            raise oserror(errno.EINVAL, "BIND_IOMMUFD flags")
+        token = self.machine.host.bind_token(a, int(p.flags))  # EINVAL for unknown flags
         with self.lock:
             if self.bound:
                 raise oserror(errno.EINVAL, "already bound")
@@ -1154,6 +1153,7 @@ class DeviceFile(File):
                     raise oserror(errno.EBUSY, f"group {grp.id} is open")
                 grp.cdev_binds += 1
             try:
+                self.machine.host.check_cdev_token(dev, token)
                 with self.machine.locked(dev, "open"):
                     # vfio_df_open: only the group path may open a device twice
                     if dev.open_count:

@@ -77,6 +77,7 @@ DEFAULT_REMOVE_COST = 0.05
 VF_ADD_COST = 0.0001
 
 IFF_UP = 0x1
+CDEV_VF_TOKEN = (6, 17)  # VFIO_DEVICE_BIND_FLAG_TOKEN, be2e70b96c3e
 
 
 def probe_cost(driver: str) -> float:
@@ -201,6 +202,28 @@ class HostDrivers:
             else:
                 raise oserror(errno.EINVAL, f"unknown or repeated option in {name!r}")
         self.check_vf_token(dev, token)
+
+    def bind_token(self, addr: int, flags: int) -> str | None:
+        """The token of a VFIO_DEVICE_BIND_IOMMUFD at ``addr`` (``flags`` read): from Linux
+        6.17 (be2e70b96c3e) ``VFIO_DEVICE_BIND_FLAG_TOKEN`` says ``token_uuid_ptr`` follows;
+        any flag before then, or another one, is EINVAL."""
+        if not flags:
+            return None
+        if flags != 1 or self.machine.kernel_version < CDEV_VF_TOKEN:
+            raise oserror(errno.EINVAL, "BIND_IOMMUFD flags")
+        from vfiopy._uapi import ffi
+
+        ct = "struct vfiopy_bind_iommufd_token"
+        p = ffi.cast(f"{ct} *", addr)
+        if p.argsz < ffi.sizeof(ct):
+            raise oserror(errno.EINVAL, "BIND_IOMMUFD argsz too small for the token")
+        raw = bytes(ffi.buffer(ffi.cast("uint8_t *", p.token_uuid_ptr), 16))
+        return str(uuid.UUID(bytes=raw))
+
+    def check_cdev_token(self, dev: Device, token: str | None) -> None:
+        """The cdev path checks the VF token from 6.17; before, it did not check at all."""
+        if self.machine.kernel_version >= CDEV_VF_TOKEN:
+            self.check_vf_token(dev, token)
 
     def check_vf_token(self, dev: Device, token: str | None) -> None:
         """``vfio_pci_validate_vf_token`` (drivers/vfio/pci/vfio_pci_core.c, Linux 5.7+)."""
