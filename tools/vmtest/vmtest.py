@@ -26,8 +26,10 @@ Device layout (fixed; addresses come from the firmware's bus numbering, verified
 with n = number of single e1000e (default 6: NICs on buses 01-06, the pair on 07, edu on 08).
 The 9p shares are virtio devices at 00:08.0 (host root) and 00:09.0 (results directory).
 
-Guarding against host drivers: the kernel command line has `module_blacklist=e1000e`, and
-every test device gets `driver_override=vfio-pci` before it is probed.
+Guarding against host drivers: e1000e is not in the initramfs and nothing loads modules on
+its own in the guest (no udev); every test device gets `driver_override=vfio-pci` before it
+is probed. tests/vm/guest_bind.py loads e1000e from the host root (vfiopy-bind's NICs need
+their host driver) and unloads it, the NICs back on vfio-pci, when it is done.
 
 Protocol with the guest (all through the shared results directory, under `.vmtest/`):
   conf                host -> guest: results path, devices to bind, reset methods to set
@@ -612,7 +614,7 @@ class Guest:
         if accel == "kvm":
             machine += ",kernel-irqchip=split"  # KVM's in-kernel irqchip cannot do intremap
         cmdline = [
-            "console=ttyS0", "quiet", "panic=-1", "intel_iommu=on", "module_blacklist=e1000e",
+            "console=ttyS0", "quiet", "panic=-1", "intel_iommu=on",
             "rdinit=/init", *cfg.extra_cmdline,
         ]  # fmt: skip
         share = "local,security_model=none,multidevs=remap"
