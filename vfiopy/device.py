@@ -38,6 +38,7 @@ from vfiopy.errors import (
     FeatureError,
     HotResetError,
     OpenDeviceError,
+    RegionError,
     ReleaseError,
     ResetError,
     VfioError,
@@ -48,7 +49,7 @@ from vfiopy.hotreset import DependentDevice as DependentDevice
 from vfiopy.hotreset import hot_reset_info
 from vfiopy.irq import Irq
 from vfiopy.kernel import O_RDWR, Kernel
-from vfiopy.pci import ConfigSpace
+from vfiopy.pci import COMMAND, Command, ConfigSpace
 from vfiopy.region import Region
 from vfiopy.sysfs import PciAddress, Sysfs
 
@@ -209,8 +210,38 @@ class Device(Closable):
             r = self._regions.get(index)
             if r is None:
                 r = Region(self.kernel, self.fd, self.name, index, self._guard)
+                if index == PciRegion.CONFIG:
+                    r.write_check = self._check_config_write
                 self._regions[index] = r
         return r
+
+    def _check_config_write(self, off: int, data: bytes) -> None:
+        """Refuse a config write that clears PCI_COMMAND_MEMORY while BARs are mapped.
+
+        vfio-pci zaps the BAR mappings when memory decoding goes off (Linux 5.8+, "vfio-pci:
+        Invalidate mmaps and block MMIO access on disabled memory"): the next access through
+        one raises SIGBUS.  A write that leaves MEMORY set, or one with nothing mapped, goes.
+        """
+        if not off <= COMMAND < off + len(data) or data[COMMAND - off] & Command.MEMORY:
+            return
+        live = [
+            f"BAR{i}"
+            for i, r in sorted(self._regions.items())
+            if i <= PciRegion.BAR5 and any(not m.closed for m in r.mappings)
+        ]
+        if not live:
+            return
+        current = int.from_bytes(self.region(PciRegion.CONFIG).read(COMMAND, 2), "little")
+        if current & Command.MEMORY:
+            raise RegionError(
+                errno.EBUSY,
+                self.name,
+                "write PCI_COMMAND",
+                detail=f"it would clear PCI_COMMAND_MEMORY while {', '.join(live)} "
+                "are mapped: the kernel zaps the mappings and their next access gets SIGBUS",
+                advice="close the mappings first (Mapping.close or Region.close), or keep "
+                "MEMORY set (ConfigSpace.enable_bus_master keeps it)",
+            )
 
     def regions(self) -> list[Region]:
         """The device's regions (absent BARs have size 0; an absent VGA region is left out)."""

@@ -253,6 +253,16 @@ class ConfigSpace:
     def command(self, value: int) -> None:
         self.write16(COMMAND, int(value))
 
+    def enable_bus_master(self) -> bool:
+        """Set PCI_COMMAND_MASTER in one read-modify-write that keeps every other bit
+        (MEMORY above all: each MEMORY flip remaps the BARs under a hypervisor, 1.8 s for a
+        128 GB BAR under Hyper-V); no write when it is set already.  True when it wrote."""
+        cmd = self.read16(COMMAND)
+        if cmd & Command.MASTER:
+            return False
+        self.write16(COMMAND, cmd | Command.MASTER)
+        return True
+
     @property
     def status(self) -> int:
         return self.read16(STATUS)

@@ -96,6 +96,9 @@ class Region:
                 elif cap.id == RegionCap.MSIX_MAPPABLE:
                     self.msix_mappable = True
         self.mappings: list[Mapping] = []
+        # Called with (offset, data) before each write; the device sets it on its config
+        # region to refuse clearing PCI_COMMAND_MEMORY under live BAR mappings.
+        self.write_check: Callable[[int, bytes], None] | None = None
 
     @property
     def areas(self) -> list[Area]:
@@ -138,6 +141,8 @@ class Region:
     def write(self, off: int, data: bytes) -> None:
         """Write ``data`` at region offset ``off`` with pwrite."""
         self._check(off, len(data), "pwrite")
+        if self.write_check is not None:
+            self.write_check(off, bytes(data))
         with (
             self._guard.hold(RegionError, "pwrite") as fd,
             raise_as(RegionError, self.device, "pwrite", f"region {self.index} offset {off:#x}"),

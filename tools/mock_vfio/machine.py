@@ -590,6 +590,9 @@ class Machine:
         self.trace.append(ev)
 
     def trace_command(self, dev: Device, on: bool, cause: str) -> None:
+        # Each flip of memory decoding costs what the platform charges (a hypervisor
+        # remapping the BARs), on the thread that made it.
+        self.sleep(dev.spec.memory_toggle_cost)
         t = now()
         self.record(
             Event(

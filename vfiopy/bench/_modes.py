@@ -227,6 +227,7 @@ MODES: dict[str, Mode] = {
 # Host-driver modes (simulator only, vfiopy.bench._hostmodes): asked for by name, never
 # in the default sweep of the release benchmark.
 def _host_modes() -> dict[str, Mode]:
+    from vfiopy.bench import _bringup as b
     from vfiopy.bench import _hostmodes as h
 
     return {
@@ -247,6 +248,23 @@ def _host_modes() -> dict[str, Mode]:
                 h.mode_restore_serial,
                 "the same one device at a time, as a serial reattach does (simulator)",
                 h.bound_serial,
+            ),
+            Mode(
+                "bringup",
+                "b",
+                BRINGUP,
+                b.mode_bringup,
+                "open, bus master, map BARs, MSI-X, device after device; no MEMORY flip of "
+                "vfiopy's own (simulator)",
+                b.bound_vfiopy,
+            ),
+            Mode(
+                "bringup-naive",
+                "n",
+                BRINGUP,
+                b.mode_bringup_naive,
+                "the same, sizing each BAR by writing it with decoding off (simulator)",
+                b.bound_naive,
             ),
         )
     }

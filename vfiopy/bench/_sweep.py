@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vfiopy._log import get_logger
 from vfiopy.bench import _vfiopy
+from vfiopy.bench._hostmodes import HOST
 from vfiopy.bench._modes import Mode
 from vfiopy.bench._progress import Progress
 from vfiopy.bench._results import BRINGUP, TEARDOWN, RunResult
@@ -96,7 +97,7 @@ def run_point(make: SystemFactory, point: Point, time_scale: float) -> RunResult
         n_domains=len({g.domain for g in system.groups}),
         expected_resets=(
             0
-            if mode.bound is not None
+            if mode.phase == HOST
             else costs.teardown_resets
             if mode.phase == TEARDOWN
             else costs.bringup_resets
