@@ -26,6 +26,7 @@ from vfiopy.container import Container
 from vfiopy.device import Device
 from vfiopy.dma import DmaBuffer, DmaSpace, IoasSpace, IovaAllocator
 from vfiopy.errors import DmaMapError, OpenDeviceError, ReleaseError, VfioError
+from vfiopy.events import RequestWatcher
 from vfiopy.group import Group
 from vfiopy.iommufd import Iommufd
 from vfiopy.kernel import Kernel, default_kernel
@@ -57,12 +58,18 @@ class Session(Closable):
         sysfs: Sysfs | None = None,
         *,
         allow_noiommu: bool = False,
+        release_on_request: bool = False,
     ) -> None:
         """Open the DMA space: a container, or an iommufd with one IOAS.
 
         ``allow_noiommu`` accepts no-IOMMU groups, and the no-IOMMU model when
         the kernel offers no type1: device DMA then goes unchecked, so each use
         logs a warning.  Off by default.
+
+        ``release_on_request``: wire each device's request interrupt and close the device
+        (mappings, interrupts, fd) on a thread of the session as soon as the kernel signals
+        it (an unbind from vfio-pci, a removal), so the unbind completes instead of waiting
+        for this process.  A task awaiting the device then gets EBADF.  Off by default.
         """
         if backend not in ("container", "iommufd"):
             raise ValueError(f"backend must be 'container' or 'iommufd', not {backend!r}")
@@ -79,6 +86,9 @@ class Session(Closable):
         self._opening: set[PciAddress] = set()
         self._buffers: list[DmaBuffer] = []
         self._allocator: IovaAllocator | None = None
+        self._watcher = (
+            RequestWatcher(self.kernel, self._release_on_request) if release_on_request else None
+        )
         self.container: Container | None = None
         self.iommufd: Iommufd | None = None
         self.ioas_id: int | None = None
@@ -185,7 +195,21 @@ class Session(Closable):
                 if slot is not None:
                     self._release_group(slot)
             raise OpenDeviceError(errno.EBADF, str(a), detail="the session closed meanwhile")
+        if self._watcher is not None:
+            try:
+                self._watcher.add(dev)
+            except BaseException:
+                self.close_device(dev)
+                raise
         return dev
+
+    def _release_on_request(self, dev: Device) -> None:
+        """The kernel asked for ``dev`` back: close it, unless it is closed already."""
+        with self._lock:
+            if self._devices.get(dev.address) is not dev:
+                return
+        self.close_device(dev)
+        log.info("device released on request", bdf=dev.name)
 
     def _acquire_group(self, number: int) -> tuple[_GroupSlot, Group]:
         """Group ``number``, open and attached, and its slot with one ref taken."""
@@ -253,6 +277,8 @@ class Session(Closable):
             slot = self._device_slot.pop(dev.address, None)
         t0 = time.monotonic()
         try:
+            if self._watcher is not None:
+                self._watcher.remove(dev)  # its thread no longer polls the device's eventfd
             dev.close()
         finally:
             if slot is not None:
@@ -353,6 +379,8 @@ class Session(Closable):
                 self.close_device(dev)
             except OSError as exc:
                 errors.append(exc)
+        if self._watcher is not None:
+            self._watcher.stop()
         with self._lock:
             buffers = list(self._buffers)
         for buf in buffers:

@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import struct
+import threading
 import time
 
 import pytest
@@ -205,9 +206,20 @@ def test_driver_override_and_drivers_probe_rebind(qemu: Machine) -> None:
     p.write_text("/sys/bus/pci/drivers_probe", NICS[3])
     assert p.readlink(f"{base}/driver").endswith("/vfio-pci")
     assert p.read_text(f"{base}/driver_override") == "vfio-pci\n"
-    # unbinding a device in use is refused (the real kernel blocks instead)
-    open_device(p, NICS[3])
-    assert _errno(p.write_text, "/sys/bus/pci/drivers/vfio-pci/unbind", NICS[3]) == errno.EBUSY
+    # unbinding a device in use waits for its release, asking the user meanwhile
+    _, _, d = open_device(p, NICS[3])
+    unbind = threading.Thread(
+        target=p.write_text, args=("/sys/bus/pci/drivers/vfio-pci/unbind", NICS[3])
+    )
+    unbind.start()
+    while not qemu.events("request"):
+        unbind.join(0.01)
+    p.close(d)
+    unbind.join()
+    assert not p.exists(f"{base}/driver")
+    kinds = [e.kind for e in qemu.trace if e.device == NICS[3]]
+    last = len(kinds) - 1 - kinds[::-1].index("release")
+    assert "request" in kinds[:last] and kinds[last + 1 :].count("unbind") == 1
 
 
 def test_reset_method_write(qemu: Machine) -> None:

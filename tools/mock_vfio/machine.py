@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 PAGE = 4096
 _MAP_NORESERVE = 0x4000
 
+# vfio_unregister_group_dev repeats the device request every 10 s while it waits.
+REQUEST_INTERVAL = 10.0
 # Reset costs in model seconds (scaled by time_scale).
 FLR_COST = 0.100  # pcie_flr: msleep(100) before the readiness poll
 PM_COST = 0.020  # pci_pm_reset: D3hot and back, 10 ms each
@@ -112,6 +114,7 @@ class Device:
         self.devset: DevSet | None = None
         self.removed = False
         self.open_count = 0
+        self.unbinding = False  # an unbind waits for the last release (vfio_pci_core_request)
         self.needs_reset = False
         self.reset_works = False
         self.low_power = False
@@ -739,7 +742,7 @@ class Machine:
     def device_open(self, dev: Device, pid: int) -> None:
         """``vfio_df_open``: open_count and, on the first open, ``vfio_pci_core_enable``."""
         with self.locked(dev, "open"):
-            if dev.removed or dev.driver != "vfio-pci":
+            if dev.removed or dev.driver != "vfio-pci" or dev.unbinding:
                 raise oserror(errno.ENODEV, dev.addr)
             dev.open_count += 1
             if dev.open_count > 1:
@@ -936,11 +939,7 @@ class Machine:
         if dev.driver is None:
             raise oserror(errno.ENODEV, f"{dev.addr} has no driver")
         if dev.driver == "vfio-pci" and dev.open_count:
-            # The real vfio_unregister_group_dev() blocks until the user closes the
-            # device, signalling the REQ eventfd meanwhile; the simulator signals and
-            # answers EBUSY instead of blocking the writer forever.
-            dev.fire_req()
-            raise oserror(errno.EBUSY, f"{dev.addr} is open by a vfio user")
+            self._request_release(dev)
         if dev.driver == "vfio-pci":
             self._vfio_unregister(dev)
         old = dev.driver
@@ -948,6 +947,29 @@ class Machine:
         dev.driver = None
         t = now()
         self.record(Event("unbind", t, t, thread_name(), dev.addr, value=old))
+
+    def _request_release(self, dev: Device) -> None:
+        """``vfio_unregister_group_dev`` with the device open: the writer waits, for ever.
+
+        No new open gets the device from here on; ``vfio_pci_core_request`` signals the
+        request eventfd (when one is wired) at once and again every 10 s (model time) until
+        the last file reference is gone (drivers/vfio/vfio_main.c, Linux 6.1;
+        ``vfio_del_group_dev`` in vfio.c before 5.13).
+        """
+        dev.unbinding = True
+        try:
+            interval = max(REQUEST_INTERVAL * self.time_scale, 0.01)
+            count = 0
+            while dev.open_count:
+                t = now()
+                dev.fire_req()
+                self.record(Event("request", t, t, thread_name(), dev.addr, value=str(count)))
+                count += 1
+                deadline = time.monotonic() + interval
+                while dev.open_count and time.monotonic() < deadline:
+                    time.sleep(0.001)
+        finally:
+            dev.unbinding = False
 
     def probe(self, dev: Device) -> None:
         """``drivers_probe``: bind the override driver, else a matching one."""
