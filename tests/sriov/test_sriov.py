@@ -197,3 +197,11 @@ async def test_vf_token_on_the_cdev_path(version: tuple[int, int]) -> None:
             assert str(s.open_device(vf, vf_token=token).address) == vf
     finally:
         m.close()
+
+
+async def test_dry_run_names_the_vfs_to_come(host: Machine, proc: SimProcess) -> None:
+    report = await enable_vfs(PF, 16, bind=[0, 9], kernel=proc, dry_run=True)
+    assert report.ok and report.numvfs_before == 0 and host.devices[PF].numvfs == 0
+    planned = [d.address for d in report.devices]
+    await enable_vfs(PF, 16, kernel=proc)
+    assert planned == [vfs_of(host)[0], vfs_of(host)[9]]

@@ -159,6 +159,20 @@ def check_pf(sysfs: Sysfs, pf: PciAddress, count: int) -> tuple[int, int]:
     return total, current
 
 
+def vf_addresses(sysfs: Sysfs, pf: PciAddress, numbers: Iterable[int]) -> list[str]:
+    """The addresses VFs ``numbers`` get, before they exist: routing ID = the PF's +
+    ``sriov_offset`` + n * ``sriov_stride`` (the SR-IOV capability's First VF Offset and VF
+    Stride, which sysfs shows for the count set now or next)."""
+    offset = int(sysfs.read(pf, "sriov_offset"))
+    stride = int(sysfs.read(pf, "sriov_stride"))
+    rid = pf.bus << 8 | pf.devfn
+    out = []
+    for n in numbers:
+        r = rid + offset + n * stride
+        out.append(str(PciAddress.from_devfn(pf.domain, r >> 8, r & 0xFF)))
+    return out
+
+
 def _bind_to(sysfs: Sysfs, addr: str, driver: str) -> None:
     """``addr`` (unbound) to ``driver`` through its own override and ``drivers_probe``."""
     if driver == VFIO_DRIVER:
@@ -223,7 +237,8 @@ async def enable_vfs(
     if dry_run:
         report.numvfs_after = count
         report.devices = [
-            DeviceResult(f"VF {i}", status="planned", driver_after=driver) for i in wanted
+            DeviceResult(vf, status="planned", driver_after=driver)
+            for vf in vf_addresses(sysfs, a, wanted)
         ]
         report.elapsed_s = time.monotonic() - t0
         return report
