@@ -336,8 +336,13 @@ def _eliminate(pending: list[VfioFile], taken: set[str]) -> None:
 
 
 def _from_fdinfo(kernel: Kernel, me: int, f: VfioFile) -> str | None:
+    return fdinfo_address(kernel, me, f.dup) if f.dup is not None else None
+
+
+def fdinfo_address(kernel: Kernel, pid: int, fd: int) -> str | None:
+    """The device ``vfio-device-syspath:`` in /proc/PID/fdinfo/FD names (Linux 6.18+), or None."""
     try:
-        info = kernel.read_text(f"/proc/{me}/fdinfo/{f.dup}")
+        info = kernel.read_text(f"/proc/{pid}/fdinfo/{fd}")
     except OSError:
         return None
     for line in info.splitlines():
@@ -479,11 +484,7 @@ def device_fds(kernel: Kernel, pid: int) -> list[ProcessFd]:
     for fd, link in vfio_fds(kernel, pid):
         if file_kind(link) != "device":
             continue
-        pfd = ProcessFd(fd, link)
-        with contextlib.suppress(OSError):
-            for line in kernel.read_text(f"/proc/{pid}/fdinfo/{fd}").splitlines():
-                if line.startswith(SYSPATH_KEY):
-                    pfd.address = line[len(SYSPATH_KEY) :].strip().rstrip("/").rsplit("/", 1)[-1]
+        pfd = ProcessFd(fd, link, fdinfo_address(kernel, pid, fd))
         if pfd.address is None and link.startswith(CDEV_PREFIX):
             cdevs = cdev_nodes(kernel) if cdevs is None else cdevs
             pfd.address = cdevs.get(link)

@@ -26,6 +26,7 @@ from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
 from vfiopy.kmodel import label as reset_label
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
+from vfiopy.release._manager import _nothing
 from vfiopy.release._plan import Plan, UsageError, make_plan
 from vfiopy.release._process import (
     ProcessGone,
@@ -330,10 +331,6 @@ def planned_report(t: Takeover) -> Report:
     return report
 
 
-def _nothing() -> None:
-    pass
-
-
 def _jobs(
     t: Takeover, closer: Callable[[Kernel, VfioFile], Callable[[], None]] | None = None
 ) -> list[DomainJob]:
@@ -445,9 +442,10 @@ def follow(t: Takeover) -> tuple[list[VfioFile], list[VfioFile]]:
         current = vfio_fds(kernel, pid)
     except ProcessError:
         return [], []  # exiting: the caller sees the exit next
-    if _exiting(kernel, pid, t.pidfd):
-        return [], []  # an exit closes everything: release it as a whole, not as let-go files
     gone = [f for f in t.files if f.dup is not None and not still_held(kernel, pid, f, current)]
+    # Asked after the comparison: PF_EXITING only ever gets set, so a process not exiting now
+    # was not exiting while its fds were compared, and what it no longer holds it let go of.
+    # An exit closes everything: that is released as a whole, not as let-go files.
     if _exiting(kernel, pid, t.pidfd):
         return [], []
     for f in gone:
