@@ -1,10 +1,12 @@
-"""What the two command lines (``vfiopy.release``, ``vfiopy.bench``) share about their
-arguments: finite numbers, and usage errors that are a JSON document too with ``--json``."""
+"""What the command lines share about their arguments and output: finite numbers, usage
+errors that are a JSON document too with ``--json``, and that document written once."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -18,6 +20,22 @@ def finite(text: str) -> float:
 
 
 finite.__name__ = "finite number"  # argparse: "invalid finite number value: 'nan'"
+
+
+class JsonOut:
+    """A run's one JSON document on stdout; ``written`` once it is out, so that an error
+    after the report never adds a second one (``reset`` at each run's start)."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def reset(self) -> None:
+        self.written = False
+
+    def write(self, doc: dict[str, object]) -> None:
+        self.written = True
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
 
 
 class Parser(argparse.ArgumentParser):

@@ -9,16 +9,15 @@ errors (bad options, a malformed address, an address or driver that names nothin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from vfiopy._cliargs import Parser, finite, json_option, simulate_option, verbosity_options
+from vfiopy._cliargs import JsonOut, Parser, finite, json_option, simulate_option, verbosity_options
 from vfiopy.errors import AddressError
 from vfiopy.release.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 
@@ -127,18 +126,11 @@ class SimHost:
 
 # --- output --------------------------------------------------------------------------------
 
-_written = False
-
-
-def _json_write(doc: dict[str, Any]) -> None:
-    global _written
-    _written = True
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+out = JsonOut()  # also the SR-IOV command line's
 
 
 def _json_error(action: str, message: str, state: str | None = None) -> None:
-    _json_write(
+    out.write(
         {
             "schema": 1,
             "action": action,
@@ -150,16 +142,6 @@ def _json_error(action: str, message: str, state: str | None = None) -> None:
             "error": message,
         }
     )
-
-
-def reset_output() -> None:
-    """A new run: its JSON document is not out yet."""
-    global _written
-    _written = False
-
-
-def json_written() -> bool:
-    return _written
 
 
 def _usage(args: argparse.Namespace, message: str, parser: Parser | None = None) -> int:
@@ -184,7 +166,7 @@ _DONE = {"bind": "bound to vfio-pci", "restore": "restored"}
 def emit(args: argparse.Namespace, report: BindReport) -> int:
     """The report: JSON on stdout with --json; lines on stderr (the plan on stdout)."""
     if args.json:
-        _json_write(report.to_json())
+        out.write(report.to_json())
     if not args.quiet or not report.ok:
         plan_out = sys.stdout if report.dry_run and not args.json else sys.stderr
         for d in report.devices:
@@ -214,8 +196,7 @@ def emit(args: argparse.Namespace, report: BindReport) -> int:
 
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the command line; ``kernel`` (a simulated process, in tests) replaces the system's."""
-    global _written
-    _written = False
+    out.reset()
     parser = build_parser()
     try:
         args = parser.parse_intermixed_args(argv)
@@ -230,7 +211,7 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         import traceback
 
         traceback.print_exc()
-        if args.json and not _written:
+        if args.json and not out.written:
             _json_error(args.action, f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
 
@@ -362,7 +343,7 @@ def _status(args: argparse.Namespace, kernel: Kernel, state: BindState) -> int:
     if args.json:
         doc = report.to_json()
         doc["ok"] = True
-        _json_write(doc)
+        out.write(doc)
     elif not args.quiet:
         for d in report.devices:
             sys.stdout.write(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import anyio
 import anyio.abc
 
-from vfiopy._cliargs import Parser, finite, json_option
+from vfiopy._cliargs import JsonOut, Parser, finite, json_option
 from vfiopy._log import get_logger
 from vfiopy.errors import AddressError
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
@@ -314,8 +313,7 @@ def _sim_summary(sim: _Sim, since: float) -> list[str]:
 
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the CLI; ``kernel`` (a simulated process, in tests) replaces the system's."""
-    global _json_written
-    _json_written = False
+    _out.reset()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -338,7 +336,7 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
             import traceback
 
             traceback.print_exc()
-            if args.json and not _json_written:
+            if args.json and not _out.written:
                 _json_error(f"internal error: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
 
@@ -420,15 +418,7 @@ def _refuse(args: argparse.Namespace, exc: OSError | str, code: int) -> int:
     return code
 
 
-_json_written = False
-"""Whether this run's JSON document is out (main resets it): never a second one."""
-
-
-def _json_write(doc: dict[str, Any]) -> None:
-    global _json_written
-    _json_written = True
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+_out = JsonOut()
 
 
 def _json_error(message: str) -> None:
@@ -436,7 +426,7 @@ def _json_error(message: str) -> None:
     doc = Report("release").to_json()
     doc["ok"] = False
     doc["error"] = message
-    _json_write(doc)
+    _out.write(doc)
 
 
 def _backend(name: str) -> Backend:
@@ -462,7 +452,7 @@ def _emit(
         if dry_run:
             doc["ok"] = plan_ok
             doc["dry_run"] = True
-        _json_write(doc)
+        _out.write(doc)
     if dry_run:
         return EXIT_OK if plan_ok else EXIT_FAILED
     if not args.quiet:

@@ -80,7 +80,7 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the command line; ``kernel`` (a simulated process, in tests) replaces the system's."""
-    bind_cli.reset_output()
+    bind_cli.out.reset()
     parser = build_parser()
     try:
         args = parser.parse_intermixed_args(argv)
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
         import traceback
 
         traceback.print_exc()
-        if args.json and not bind_cli.json_written():
+        if args.json and not bind_cli.out.written:
             bind_cli._json_error(args.action, f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
 
@@ -183,7 +183,7 @@ def _emit(args: argparse.Namespace, report: SriovReport) -> int:
         doc = report.to_json()
         if args.vf_token is not None:
             doc["vf_token_set"] = not args.dry_run
-        bind_cli._json_write(doc)
+        bind_cli.out.write(doc)
     for d in report.devices:
         if d.error:
             sys.stderr.write(f"error: {d.error}\n")
@@ -230,7 +230,7 @@ def _bench(args: argparse.Namespace) -> int:
         "runs": runs,
     }
     if args.json:
-        bind_cli._json_write(doc)
+        bind_cli.out.write(doc)
     if not args.quiet:
         out = sys.stderr if args.json else sys.stdout
         out.write("way        VFs  bound  wall s  bound s  VFs probed by a host driver\n")
