@@ -59,6 +59,15 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# vfio_pci_ioeventfd's refusals (ENOTTY, a kernel before 4.17, is vfiopy.features' to explain)
+_IOEVENTFD_ADVICE = {
+    errno.EINVAL: "the register must lie inside a BAR (not config space or the ROM) and "
+    "outside the MSI-X table, with a width of 1, 2, 4 or 8 bytes",
+    errno.EEXIST: "this (register, value, width) already has an ioeventfd; unregister it first",
+    errno.ENODEV: "no ioeventfd is registered for this (register, value, width)",
+    errno.ENOSPC: "the kernel allows 1000 ioeventfds per device (VFIO_PCI_IOEVENTFD_MAX)",
+}
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -382,6 +391,25 @@ class Device(Closable):
 
     def feature_set(self, feature: int, data: bytes) -> None:
         self._feature(feature | FeatureFlag.SET, data, f"set feature {feature}")
+
+    def set_ioeventfd(self, offset: int, data: int, width: int, fd: int) -> None:
+        """VFIO_DEVICE_IOEVENTFD: when ``fd`` is signalled the kernel writes ``data`` (``width``
+        bytes) at device-file ``offset`` (a BAR's region offset plus the register); ``fd`` -1
+        removes the registration of that (offset, data, width).  See vfiopy.features."""
+        s = Struct("struct vfio_device_ioeventfd")
+        s.p.flags, s.p.offset, s.p.data, s.p.fd = width, offset, data, fd
+        step = "VFIO_DEVICE_IOEVENTFD"
+        with self._guard.hold(FeatureError, step) as held:
+            ioctl(
+                self.kernel,
+                held,
+                step,
+                s.p,
+                error=FeatureError,
+                device=self.name,
+                detail=f"offset {offset:#x} width {width} data {data:#x} fd {fd}",
+                advice=_IOEVENTFD_ADVICE,
+            )
 
     def set_vf_token(self, token: uuid.UUID) -> None:
         """Share ``token`` with this PF's VFs (``VFIO_DEVICE_FEATURE_PCI_VF_TOKEN``, Linux 5.7+;

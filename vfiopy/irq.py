@@ -3,23 +3,38 @@
 VFIO_DEVICE_SET_IRQS with DATA_EVENTFD|ACTION_TRIGGER wires vectors to
 eventfds; the kernel signals the eventfd on each interrupt, and the counter
 read back says how many arrived since the last read.
+
+INTx is level-triggered and AUTOMASKED: vfio-pci masks the line when it
+signals, and the driver unmasks it once it has quieted the device, with
+ACTION_UNMASK or, without an ioctl, by writing the resample eventfd it
+registered with DATA_EVENTFD|ACTION_UNMASK (``vfio_virqfd``, in vfio-pci since
+its first release); a line still asserted at the unmask fires again at once.
+
+MSI-X vectors can be added while others are live from Linux 6.5 (e4163438e015,
+dynamic MSI-X), where the platform allocates them dynamically; the kernel says
+so by leaving VFIO_IRQ_INFO_NORESIZE clear on the MSI-X index (6c8017c6a58d).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import sys
 import threading
+from collections.abc import Callable
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
 from vfiopy._fdguard import FdGuard
-from vfiopy._uapi import Closable, IrqInfoFlag, IrqSetFlag, Struct, ffi, ioctl
+from vfiopy._log import get_logger
+from vfiopy._uapi import Closable, IrqInfoFlag, IrqSetFlag, PciIrq, Struct, ffi, ioctl
 from vfiopy.errors import DeviceInfoError, IrqError, raise_as
 from vfiopy.kernel import EFD_NONBLOCK, Kernel
+
+log = get_logger(__name__)
 
 _IRQ_ADVICE = {
     errno.EINVAL: "the index, vector range or action is not supported for this interrupt "
@@ -58,6 +73,7 @@ class Irq(Closable):
         self.flags = IrqInfoFlag(int(s.p.flags))
         self.count = int(s.p.count)
         self.eventfds: list[int] = []
+        self.resample_fd: int | None = None  # INTx: the unmask eventfd, once registered
         # Guards eventfds, _epoch (bumped at each rewiring), the counts carried
         # over a re-enable and the waiters; never held across a wait.
         self._lock = threading.Lock()
@@ -68,6 +84,12 @@ class Irq(Closable):
     @property
     def enabled(self) -> bool:
         return bool(self.eventfds)
+
+    @property
+    def resizable(self) -> bool:
+        """Whether vectors can be added while others are live (VFIO_IRQ_INFO_NORESIZE clear:
+        MSI-X on Linux 6.5+ where the platform allocates MSI-X vectors dynamically)."""
+        return not self.flags & IrqInfoFlag.NORESIZE
 
     def _set(self, flags: int, start: int, count: int, fds: list[int] | None = None) -> None:
         with self._guard.hold(IrqError) as fd:
@@ -102,13 +124,16 @@ class Irq(Closable):
                 detail=f"irq index {self.index} has no vector {vector} (count {self.count})",
             )
 
-    def enable(self, count: int | None = None) -> list[int]:
+    def enable(self, count: int | None = None, *, resample: bool = False) -> list[int]:
         """Wire vectors 0..count-1 (default: all) to new eventfds; returns them.
 
         Enabling again rewires to fresh eventfds: interrupts counted on the old
         ones are carried over, and tasks in :meth:`wait` go on waiting on the
-        new ones.
+        new ones.  ``resample`` (INTx only): also register the unmask eventfd
+        (:meth:`unmask_eventfd`, then in :attr:`resample_fd`).
         """
+        if resample:
+            self._require_intx("a resample eventfd")
         count = self.count if count is None else count
         if not 0 < count <= self.count:
             raise IrqError(
@@ -123,9 +148,11 @@ class Irq(Closable):
                 for _ in range(count):
                     fds.append(self.kernel.eventfd(0, EFD_NONBLOCK))
             if old:
-                # MSI and MSI-X take a new vector count only from disabled.
+                # MSI and MSI-X take a new vector count only from disabled; the
+                # kernel drops an INTx unmask eventfd with the interrupt.
                 self._set(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, 0)
                 self._swap([])
+                self._drop_resample()
             self._set(IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, 0, count, fds)
         except BaseException:
             for fd in fds:
@@ -136,7 +163,140 @@ class Irq(Closable):
         self._swap(fds)
         if old:
             self._retire(old, carry=True)
+        if resample:
+            try:
+                self.unmask_eventfd()
+            except BaseException:
+                self.disable()  # all or nothing: no INTx left without its resample eventfd
+                raise
         return list(fds)
+
+    def add_vectors(self, n: int) -> list[int]:
+        """Wire ``n`` more vectors after the live ones; returns their new eventfds.
+
+        The live vectors keep their eventfds (and tasks waiting on them keep
+        waiting).  Where the kernel leaves NORESIZE clear (MSI-X, Linux 6.5+)
+        the new vectors are added in place, the live ones untouched.  Else
+        vfiopy disables the index and enables it again with the same eventfds
+        plus the new ones, and logs ``irq.vectors_added`` with ``in_place``
+        False: an interrupt the device raises in between is lost, so check the
+        device's own status after growing.
+        """
+        live = list(self.eventfds)
+        if not live:
+            raise self._not_enabled(0, "add vectors")
+        if n < 1 or len(live) + n > self.count:
+            raise IrqError(
+                errno.EINVAL,
+                self.device,
+                "add vectors",
+                detail=f"irq index {self.index}: cannot add {n} to {len(live)} of "
+                f"{self.count} vectors",
+            )
+        new: list[int] = []
+        try:
+            with raise_as(IrqError, self.device, "eventfd"):
+                for _ in range(n):
+                    new.append(self.kernel.eventfd(0, EFD_NONBLOCK))
+            if self.resizable:
+                self._set(IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER, len(live), n, new)
+            else:
+                self._reenable(live, new)
+        except BaseException:
+            for fd in new:
+                self.kernel.close(fd)
+            raise
+        with self._lock:
+            self.eventfds = live + new  # same numbers for the live vectors: no epoch change
+        log.info(
+            "irq.vectors_added",
+            device=self.device,
+            index=self.index,
+            added=n,
+            vectors=len(live) + n,
+            in_place=self.resizable,
+            reason=None
+            if self.resizable
+            else "VFIO_IRQ_INFO_NORESIZE is set (before Linux 6.5, not MSI-X, or no dynamic "
+            "MSI-X on this platform): the index was disabled and enabled again",
+        )
+        return list(new)
+
+    def _reenable(self, live: list[int], new: list[int]) -> None:
+        """Disable, then enable live+new vectors with the same eventfds; on failure put
+        the live ones back, and if even that fails retire them (the index is disabled)."""
+        trigger = IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER
+        self._set(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, 0)
+        try:
+            self._set(trigger, 0, len(live) + len(new), live + new)
+        except BaseException:
+            try:
+                self._set(trigger, 0, len(live), live)
+            except BaseException:
+                self._retire(self._swap([]), carry=False)
+                raise
+            raise
+
+    # --- INTx: level-triggered, automasked -------------------------------------------
+    def _require_intx(self, what: str) -> None:
+        if self.index != PciIrq.INTX:
+            raise IrqError(
+                errno.EINVAL,
+                self.device,
+                detail=f"irq index {self.index} has no {what}: only INTx is level-triggered "
+                "and automasked",
+            )
+
+    def unmask_eventfd(self) -> int:
+        """Register an eventfd that unmasks INTx when written (DATA_EVENTFD|ACTION_UNMASK);
+        returns it (also :attr:`resample_fd`).  INTx must be enabled; :meth:`disable`
+        closes it."""
+        self._require_intx("unmask eventfd")
+        if not self.eventfds:
+            raise self._not_enabled(0, "unmask eventfd")
+        if self.resample_fd is not None:
+            return self.resample_fd
+        with raise_as(IrqError, self.device, "eventfd"):
+            fd = self.kernel.eventfd(0, EFD_NONBLOCK)
+        try:
+            self._set(IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_UNMASK, 0, 1, [fd])
+        except BaseException:
+            self.kernel.close(fd)
+            raise
+        self.resample_fd = fd
+        return fd
+
+    def _drop_resample(self) -> None:
+        """Close the unmask eventfd once the kernel no longer listens to it."""
+        fd, self.resample_fd = self.resample_fd, None
+        if fd is not None:
+            self.kernel.close(fd)
+
+    def resample(self) -> None:
+        """Unmask INTx: a write to the resample eventfd when there is one (no ioctl), else
+        ACTION_UNMASK.  If the device still asserts the line it fires again at once."""
+        self._require_intx("unmask")
+        fd = self.resample_fd
+        if fd is None:
+            self.unmask()
+            return
+        with raise_as(IrqError, self.device, "write resample eventfd"):
+            self.kernel.write(fd, (1).to_bytes(8, sys.byteorder))
+
+    async def handle_level(self, service: Callable[[int], object]) -> int:
+        """One level-triggered INTx interrupt: wait for it, let ``service(count)`` quiet
+        the device (a function or a coroutine function), then :meth:`resample`.
+
+        Returns the count.  If ``service`` raises, the line stays masked (no interrupt
+        storm from a device left asserting) and the exception propagates.
+        """
+        self._require_intx("level-triggered handler")
+        count = await self.wait(0)
+        done = service(count)
+        if inspect.isawaitable(done):
+            await done
+        self.resample()
+        return count
 
     def disable(self) -> None:
         """Tear down every vector (DATA_NONE|ACTION_TRIGGER, count 0) and close the eventfds.
@@ -148,6 +308,7 @@ class Irq(Closable):
             self._set(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, 0)
         finally:
             self._retire(fds, carry=False)
+            self._drop_resample()
 
     def mask(self, vector: int = 0) -> None:
         self._vector(vector)
@@ -284,6 +445,7 @@ class Irq(Closable):
             self._set_on(self._guard.fd, IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, 0, 0)
         finally:
             self._retire(fds, carry=False)
+            self._drop_resample()
 
     def __repr__(self) -> str:
         return f"Irq(index={self.index}, count={self.count}, flags={self.flags!r})"

@@ -53,6 +53,11 @@ DEVSET_LOCKING: KernelVersion = (5, 0)  # e309df5b0c9e: a lock per bus/slot, not
 RESET_DELAY_BY_LINK: KernelVersion = (6, 3)  # ac91e6980563: no fixed 1 s after a bus reset
 VF_OWN_DEVSET: KernelVersion = (6, 17)  # e908f58b6beb: a VF is a device set of its own
 FDINFO_SYSPATH: KernelVersion = (6, 18)  # vfio-device-syspath in a device file's fdinfo
+# Driver-facing VFIO interfaces: before each, the kernel answers ENOTTY.
+IOEVENTFD: KernelVersion = (4, 17)  # 30656177c408: VFIO_DEVICE_IOEVENTFD
+DEVICE_FEATURE: KernelVersion = (5, 7)  # the VFIO_DEVICE_FEATURE ioctl
+LOW_POWER: KernelVersion = (6, 1)  # cc2742fe3660, 453e6c98fd2b: LOW_POWER_ENTRY/_EXIT/_WITH_WAKEUP
+MSIX_DYNAMIC: KernelVersion = (6, 5)  # e4163438e015, 6c8017c6a58d: MSI-X grows, NORESIZE clear
 
 # Modelled costs, seconds.  PCIe r6.0 sec 6.6.2: 100 ms after an FLR; pci_pm_reset
 # sleeps d3hot_delay (10 ms) on the way to D3hot and again back to D0.

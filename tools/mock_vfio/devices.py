@@ -380,12 +380,17 @@ class Edu(DeviceModel):
         return bool(self.dev.config.command() & _PCI_COMMAND_MASTER)
 
     def _deliver(self) -> None:
-        """Send the interrupt edu_raise_irq asked for: MSI is a memory write, INTx a wire."""
+        """Send the interrupt edu_raise_irq asked for: MSI is a memory write, INTx a level
+        (edu_raise_irq / edu_lower_irq: asserted while irq_status is non-zero)."""
         with self.lock:
             notify, self._notify = self._notify, False
+            level = bool(self.irq_status)
+        if self.dev.irq_type != _MSI_INDEX:
+            self.dev.set_intx(level)
+            return
         if not notify:
             return
-        if self.dev.irq_type == _MSI_INDEX and not self._bus_master():
+        if not self._bus_master():
             self.dev.machine.counters.add("msi_dropped")  # no bus master: the write never leaves
             return
         self.dev.raise_irq(0)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mock_vfio.machine import PAGE, Device, DmaSpace, Group, Machine
 from mock_vfio.trace import oserror
-from mock_vfio.version import FDINFO_SYSPATH
+from mock_vfio.version import DEVICE_FEATURE, FDINFO_SYSPATH, IOEVENTFD, LOW_POWER
 from vfiopy._uapi import (
     FEATURE_MASK,
     IRQ_SET_ACTION_TYPE_MASK,
@@ -55,6 +55,7 @@ CONFIG_INDEX = 7
 ROM_INDEX = 6
 VGA_INDEX = 8
 NUM_IRQS = 5
+IOEVENTFD_MAX = 1000  # VFIO_PCI_IOEVENTFD_MAX: ioeventfds a device can have
 INTX, MSI, MSIX, ERR, REQ = range(5)
 IOVA_PGSIZES = 0x40201000  # 4K | 2M | 1G, as intel-iommu reports
 DMA_ENTRY_LIMIT = 65535  # vfio_iommu_type1 dma_entry_limit default
@@ -707,12 +708,23 @@ class DeviceFile(File):
         handler = self._handlers().get(request)
         if handler is None:
             raise oserror(errno.ENOTTY, f"device ioctl {request:#x}")
-        if request != Ioctl.DEVICE_FEATURE and dev.low_power:
-            dev.low_power = False  # any other ioctl resumes the device (runtime PM)
-            dev.config.set_power_state(0)
+        if dev.low_power and (request != Ioctl.DEVICE_FEATURE or dev.pm_wake_fd is not None):
+            # Every ioctl resumes the device (vfio_device_pm_runtime_get); one that entered
+            # with a wakeup eventfd leaves low power then and signals it.  Only the features
+            # of a plain entry are modelled as leaving it suspended.
+            dev.runtime_resume()
         return handler(proc, arg)
 
     def _handlers(self) -> dict[int, Callable[[SimProcess, Any], int]]:
+        handlers = self._all_handlers()
+        version = self.machine.kernel_version
+        if version < IOEVENTFD:
+            del handlers[Ioctl.DEVICE_IOEVENTFD]
+        if version < DEVICE_FEATURE:
+            del handlers[Ioctl.DEVICE_FEATURE]
+        return handlers
+
+    def _all_handlers(self) -> dict[int, Callable[[SimProcess, Any], int]]:
         return {
             Ioctl.DEVICE_GET_INFO: self._get_info,
             Ioctl.DEVICE_GET_REGION_INFO: self._region_info,
@@ -826,7 +838,7 @@ class DeviceFile(File):
         flags = IrqInfoFlag.EVENTFD
         if index == INTX:
             flags |= IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
-        else:
+        elif index != MSIX or not self.machine.msix_dynamic:
             flags |= IrqInfoFlag.NORESIZE
         p.flags = flags
         p.count = self.irq_count(index)
@@ -882,15 +894,7 @@ class DeviceFile(File):
         if index in (MSI, MSIX, ERR, REQ) and action != IrqSetFlag.ACTION_TRIGGER:
             raise oserror(errno.ENOTTY, "only TRIGGER for this index")
         if index == INTX and action != IrqSetFlag.ACTION_TRIGGER:
-            with dev.lock:
-                if dev.irq_type != INTX:
-                    return 0
-                if dtype == IrqSetFlag.DATA_BOOL and count and not data[0]:
-                    return 0
-                if dtype == IrqSetFlag.DATA_EVENTFD:
-                    return 0  # unmask via irqfd: accepted, no resampling modelled
-                dev.intx_masked = action == IrqSetFlag.ACTION_MASK
-            return 0
+            return self._intx_mask_unmask(proc, start, count, dtype, action, data)
         if dtype == IrqSetFlag.DATA_NONE and count == 0:
             self._disable(index)
             return 0
@@ -899,11 +903,23 @@ class DeviceFile(File):
             dups = [self._eventfd(proc, fd) for fd in fds]
             with dev.lock:
                 if index in (INTX, MSI, MSIX):
+                    error = None
                     if dev.irq_type not in (None, index):
+                        error = "another interrupt mode is enabled"
+                    elif dev.irq_type is None:
+                        dev.irq_nvec = start + count  # vfio_msi_enable allocates start+count
+                    elif index != INTX and start + count > dev.irq_nvec:
+                        # vfio_msi_set_vector_signal: a vector past those allocated exists
+                        # only where MSI-X allocates dynamically (6.5+); else EINVAL.
+                        if index == MSIX and self.machine.msix_dynamic:
+                            dev.irq_nvec = start + count
+                        else:
+                            error = f"vectors {start}+{count} past the {dev.irq_nvec} enabled"
+                    if error is not None:
                         for d in dups:
                             if d is not None:
                                 os.close(d)
-                        raise oserror(errno.EINVAL, "another interrupt mode is enabled")
+                        raise oserror(errno.EINVAL, error)
                     dev.irq_type = index
                 for i, d in enumerate(dups):
                     old = dev.irq_fds.pop((index, start + i), None)
@@ -913,6 +929,9 @@ class DeviceFile(File):
                         dev.irq_fds[(index, start + i)] = d
                 if index in (INTX, MSI, MSIX) and not any(k[0] == index for k in dev.irq_fds):
                     dev.irq_type = None
+                    dev.irq_nvec = 0
+            if index == INTX:
+                dev.set_intx(dev.intx_level)  # a line already asserted fires once requested
             return 0
         # DATA_NONE / DATA_BOOL trigger: loopback, fire the vectors' eventfds
         for i in range(count):
@@ -924,14 +943,43 @@ class DeviceFile(File):
                     os.eventfd_write(fd, 1)
         return 0
 
+    def _intx_mask_unmask(
+        self, proc: SimProcess, start: int, count: int, dtype: int, action: int, data: bytes
+    ) -> int:
+        """vfio_pci_set_intx_mask / _unmask: INTx enabled, vector 0 only; an unmask
+        eventfd is listened to (vfio_virqfd_enable), -1 removes it; a mask eventfd is ENOTTY."""
+        dev = self.dev
+        if dev.irq_type != INTX or start != 0 or count != 1:
+            raise oserror(errno.EINVAL, "INTx is not enabled, or not vector 0 alone")
+        unmask = action == IrqSetFlag.ACTION_UNMASK
+        if dtype == IrqSetFlag.DATA_EVENTFD:
+            if not unmask:
+                raise oserror(errno.ENOTTY, "mask eventfd")
+            (fd,) = struct.unpack("<i", data)
+            dev.set_intx_unmask_fd(self._eventfd(proc, fd) if fd >= 0 else None)
+            return 0
+        if dtype == IrqSetFlag.DATA_BOOL and not data[0]:
+            return 0
+        if unmask:
+            dev.intx_unmask()
+        else:
+            with dev.lock:
+                dev.intx_masked = True
+        return 0
+
     def _disable(self, index: int) -> None:
         dev = self.dev
+        if index == INTX:
+            dev.set_intx_unmask_fd(None)
         with dev.lock:
             for key in [k for k in dev.irq_fds if k[0] == index]:
                 os.close(dev.irq_fds.pop(key))
             if dev.irq_type == index:
                 dev.irq_type = None
                 dev.intx_masked = False
+                dev.irq_nvec = 0
+                # vfio_intx_disable / vfio_msi_disable: every vector of the index torn down
+                self.machine.counters.add(f"irq_disable_{index}")
 
     def _eventfd(self, proc: SimProcess, fd: int) -> int | None:
         if fd == -1:
@@ -1080,12 +1128,13 @@ class DeviceFile(File):
         feature = flags & FEATURE_MASK
         payload = argsz - minsz
         dev = self.dev
-        if feature in (Feature.LOW_POWER_ENTRY, Feature.LOW_POWER_EXIT):
-            if not self._check_feature(flags, payload, FeatureFlag.SET, 0):
-                return 0
-            dev.low_power = feature == Feature.LOW_POWER_ENTRY
-            dev.config.set_power_state(3 if dev.low_power else 0)
-            return 0
+        low_power = (
+            Feature.LOW_POWER_ENTRY,
+            Feature.LOW_POWER_ENTRY_WITH_WAKEUP,
+            Feature.LOW_POWER_EXIT,
+        )
+        if feature in low_power and self.machine.kernel_version >= LOW_POWER:
+            return self._low_power(proc, feature, flags, payload, a + minsz)
         if feature == Feature.BUS_MASTER and self.machine.bus_master_feature:
             if not self._check_feature(flags, payload, FeatureFlag.SET, 4):
                 return 0
@@ -1105,6 +1154,33 @@ class DeviceFile(File):
         # vfio_pci_core_ioctl_feature: anything else is not implemented here
         raise oserror(errno.ENOTTY, f"feature {feature}")
 
+    def _low_power(
+        self, proc: SimProcess, feature: int, flags: int, payload: int, data: int
+    ) -> int:
+        """vfio_pci_core_pm_entry, _entry_with_wakeup (a struct with the eventfd) and _exit."""
+        wakeup = feature == Feature.LOW_POWER_ENTRY_WITH_WAKEUP
+        if not self._check_feature(flags, payload, FeatureFlag.SET, 8 if wakeup else 0):
+            return 0
+        dev = self.dev
+        if feature == Feature.LOW_POWER_EXIT:
+            dev.runtime_resume()  # the ioctl resumed it already when entered with a wakeup
+            return 0
+        wake = None
+        if wakeup:
+            (fd,) = struct.unpack("<i", bytes(ffi.buffer(ffi.cast("char *", data), 4)))
+            if fd < 0:
+                raise oserror(errno.EINVAL, "wakeup eventfd")
+            wake = self._eventfd(proc, fd)
+        with dev.lock:
+            if dev.low_power:  # vfio_pci_runtime_pm_entry: already engaged
+                if wake is not None:
+                    os.close(wake)
+                raise oserror(errno.EINVAL, "low power entry twice")
+            dev.pm_wake_fd = wake
+        dev.low_power = True
+        dev.config.set_power_state(3)
+        return 0
+
     @staticmethod
     def _check_feature(flags: int, payload: int, supported: int, minsz: int) -> bool:
         """``vfio_check_feature``: False for a successful PROBE, True to go on."""
@@ -1123,9 +1199,59 @@ class DeviceFile(File):
         ct = "struct vfio_device_ioeventfd"
         check_argsz(a, ct, "fd")
         p = as_struct(a, ct)
-        if int(p.flags) & ~0xF or bin(int(p.flags) & 0xF).count("1") != 1:
-            raise oserror(errno.EINVAL, "IOEVENTFD size flags")
+        size, fd = int(p.flags), int(p.fd)
+        if size & ~0xF or bin(size).count("1") != 1 or fd < -1:
+            raise oserror(errno.EINVAL, "IOEVENTFD size flags or fd")
+        offset = int(p.offset)
+        bar, pos, data = offset >> OFFSET_SHIFT, offset & OFFSET_MASK, int(p.data)
+        return self._ioeventfd_set(proc, bar, pos, data, size, fd)
+
+    def _ioeventfd_set(
+        self, proc: SimProcess, bar: int, pos: int, data: int, size: int, fd: int
+    ) -> int:
+        """vfio_pci_ioeventfd: BARs only, inside the BAR and outside the MSI-X table;
+        (bar, offset, data, size) names the registration, fd -1 removes it."""
+        dev = self.dev
+        spec = dev.bar(bar) if 0 <= bar < ROM_INDEX else None
+        if spec is None or pos + size > spec.size:
+            raise oserror(errno.EINVAL, f"ioeventfd outside BAR {bar}")
+        m = dev.spec.msix
+        if m is not None and m.table_bar == bar:
+            end = m.table_offset + m.count * 16
+            if not (pos + size <= m.table_offset or pos >= end):
+                raise oserror(errno.EINVAL, "ioeventfd on the MSI-X table")
+        key = (bar, pos, data, size)
+        with dev.lock:
+            old = dev.ioeventfds.get(key)
+            if old is not None and fd >= 0:
+                raise oserror(errno.EEXIST, "ioeventfd already registered")
+            if old is None and fd < 0:
+                raise oserror(errno.ENODEV, "no such ioeventfd")
+            if old is None and len(dev.ioeventfds) >= IOEVENTFD_MAX:
+                raise oserror(errno.ENOSPC, f"{IOEVENTFD_MAX} ioeventfds")
+            if old is not None:
+                del dev.ioeventfds[key]
+        if old is not None:
+            self.machine.virqfds.remove(old)
+            return 0
+        ours = self._eventfd(proc, fd)
+        assert ours is not None
+        with dev.lock:
+            dev.ioeventfds[key] = ours
+        value = data.to_bytes(size, "little")
+        self.machine.virqfds.add(ours, lambda: self._ioeventfd_write(bar, pos, value))
         return 0
+
+    def _ioeventfd_write(self, bar: int, pos: int, value: bytes) -> None:
+        """vfio_pci_ioeventfd_thread: the write, dropped while memory decoding is off."""
+        dev = self.dev
+        spec = dev.bar(bar)
+        if dev.removed or spec is None or (not spec.is_io and not dev.memory_enabled()):
+            return
+        self.machine.counters.add("ioeventfd_writes")
+        if dev.model is not None and dev.model.mmio_write(bar, pos, value):
+            return
+        dev.bar_memory(bar)[pos : pos + len(value)] = value
 
     def _bind(self, proc: SimProcess, arg: Any) -> int:
         if self.group_file is not None:

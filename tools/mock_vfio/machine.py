@@ -51,12 +51,14 @@ from mock_vfio.topology import (
 from mock_vfio.trace import Counters, Event, Faults, now, oserror, thread_name
 from mock_vfio.version import (
     DEFAULT_KERNEL_VERSION,
+    MSIX_DYNAMIC,
     VF_OWN_DEVSET,
     KernelVersion,
     check_version,
     default_kernel_model,
     default_reset_model,
 )
+from mock_vfio.virqfd import Virqfds
 
 if TYPE_CHECKING:
     from mock_vfio.devices import DeviceModel
@@ -127,6 +129,12 @@ class Device:
         self.irq_type: int | None = None  # VFIO_PCI_*_IRQ_INDEX in use, None when disabled
         self.irq_fds: dict[tuple[int, int], int] = {}  # (index, vector) -> our dup of the eventfd
         self.intx_masked = False
+        self.intx_level = False  # the INTx line as the device drives it
+        self.intx_unmask_fd: int | None = None  # the resample eventfd (our dup), on virqfds
+        self.irq_nvec = 0  # MSI/MSI-X vectors allocated (the kernel's contexts)
+        # VFIO_DEVICE_IOEVENTFD: (bar, offset, data, size) -> our dup of the eventfd
+        self.ioeventfds: dict[tuple[int, int, int, int], int] = {}
+        self.pm_wake_fd: int | None = None  # LOW_POWER_ENTRY_WITH_WAKEUP's eventfd (our dup)
         self.dma: DmaSpace | None = None
         self.ictx: Any = None  # IommufdCtx bound by a cdev open
         self.devid = 0
@@ -263,7 +271,7 @@ class Device:
     # --- interrupts --------------------------------------------------------------
 
     def raise_irq(self, vector: int = 0) -> bool:
-        """Signal an interrupt the way the device's current mode delivers it."""
+        """Signal an interrupt the way the device's current mode delivers it (INTx: a pulse)."""
         with self.lock:
             kind = self.irq_type
             if kind is None:
@@ -281,17 +289,74 @@ class Device:
         self.machine.counters.add("irqs")
         return True
 
+    def _intx_fire(self) -> None:
+        """Signal the INTx trigger eventfd (self.lock held)."""
+        fd = self.irq_fds.get((0, 0))
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+            self.machine.counters.add("irqs")
+
+    def set_intx(self, level: bool) -> None:
+        """Drive the INTx line.  vfio_intx_handler: an assertion while unmasked signals the
+        trigger eventfd and masks the line (AUTOMASKED) until the user unmasks it."""
+        with self.lock:
+            self.intx_level = level
+            if level and self.irq_type == 0 and not self.intx_masked:
+                self.intx_masked = True
+                self._intx_fire()
+
+    def intx_unmask(self) -> None:
+        """vfio_pci_intx_unmask_handler: unmask; a line still asserted fires again at once
+        (pci_check_and_unmask_intx fails, the interrupt is re-sent and stays masked)."""
+        with self.lock:
+            if self.irq_type != 0 or not self.intx_masked:
+                return
+            if self.intx_level:
+                self._intx_fire()
+            else:
+                self.intx_masked = False
+
+    def set_intx_unmask_fd(self, fd: int | None) -> None:
+        """Install (or with None remove) the INTx unmask eventfd's listener."""
+        with self.lock:
+            old, self.intx_unmask_fd = self.intx_unmask_fd, fd
+        if old is not None:
+            self.machine.virqfds.remove(old)
+        if fd is not None:
+            self.machine.virqfds.add(fd, self.intx_unmask)
+
+    def runtime_resume(self) -> None:
+        """Out of low power (an ioctl or any host access to a suspended device): with a
+        wakeup eventfd the user is told and low power is over (vfio_pci_runtime_pm_exit)."""
+        with self.lock:
+            fd, self.pm_wake_fd = self.pm_wake_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+            os.close(fd)
+        self.low_power = False
+        self.config.set_power_state(0)
+
     def msi_enabled_in_config(self) -> bool:
         pos = self.config.caps.get(CAP_MSI)
         return pos is not None and bool(self.config.data[pos + 2] & 1)
 
     def disable_irqs(self) -> None:
+        """Every interrupt and eventfd listener gone (vfio_pci_core_disable, close_device)."""
+        self.set_intx_unmask_fd(None)
         with self.lock:
             fds = list(self.irq_fds.values())
             self.irq_fds.clear()
             self.irq_type = None
             self.intx_masked = False
-        for fd in fds:
+            self.irq_nvec = 0
+            ioeventfds = list(self.ioeventfds.values())
+            self.ioeventfds.clear()
+            wake, self.pm_wake_fd = self.pm_wake_fd, None
+        for fd in ioeventfds:
+            self.machine.virqfds.remove(fd)
+        for fd in [*fds, *([wake] if wake is not None else [])]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -396,6 +461,7 @@ class Machine:
         vf_own_devset: bool | None = None,
         bus_master_feature: bool = False,
         msix_sparse: bool = False,
+        msix_dynamic: bool | None = None,
     ) -> None:
         # The models not chosen explicitly follow the modelled kernel version.
         self.kernel_version = check_version(kernel_version)
@@ -422,6 +488,11 @@ class Machine:
         # Before Linux 4.16 the MSI-X table page was cut out of the BAR's mmap with a
         # sparse-mmap capability; since then the BAR maps whole and says MSIX_MAPPABLE.
         self.msix_sparse = msix_sparse
+        # From 6.5 (e4163438e015, 6c8017c6a58d) MSI-X vectors can be added while others are
+        # live where the platform allocates them dynamically (pci_msix_can_alloc_dyn; x86
+        # does); NORESIZE is then clear.  False models a platform that cannot.
+        self.msix_dynamic = kernel_version >= MSIX_DYNAMIC if msix_dynamic is None else msix_dynamic
+        self.virqfds = Virqfds()  # the kernel's eventfd listeners (INTx unmask, ioeventfds)
         self.trace: list[Event] = []
         self.counters = Counters()
         self.faults = Faults()
@@ -1044,6 +1115,7 @@ class Machine:
             if d.model is not None:
                 d.model.stop()
             d.disable_irqs()
+        self.virqfds.close()
         for p in self.all_processes():
             p.drop_mappings()
 

@@ -14,12 +14,21 @@ KernelVersion = tuple[int, int]
 # Debian 12's kernel.
 DEFAULT_KERNEL_VERSION: KernelVersion = (6, 1)
 
+# VFIO_DEVICE_IOEVENTFD (30656177c408): before it the ioctl is ENOTTY.
+IOEVENTFD = (4, 17)
+# The VFIO_DEVICE_FEATURE ioctl itself: before it, ENOTTY.
+DEVICE_FEATURE = (5, 7)
 # vfio-pci's per-device-set locking replaced the global driver_lock.
 DEVSET_LOCKING = (5, 0)
 # The reset path stopped taking every device set's lock at once.
 CURRENT_RESET = (6, 3)
 # vfio_pci_core_register_device: an SR-IOV VF is a device set of its own.
 VF_OWN_DEVSET = (6, 17)
+# VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY/EXIT (cc2742fe3660) and _WITH_WAKEUP (453e6c98fd2b):
+# before them vfio_pci_core_ioctl_feature answers ENOTTY.
+LOW_POWER = (6, 1)
+# Dynamic MSI-X (e4163438e015) and NORESIZE clear for MSI-X (6c8017c6a58d).
+MSIX_DYNAMIC = (6, 5)
 # vfio_device_show_fdinfo: ``vfio-device-syspath:`` in a device file's fdinfo.
 FDINFO_SYSPATH = (6, 18)
 
