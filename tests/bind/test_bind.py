@@ -9,6 +9,7 @@ import json
 import pytest
 from bind_helpers import AUDIO, GPU, HOST_DRIVERS, NIC0, NIC1, NVME, SERIAL, drivers, statuses
 from mock_vfio import Machine, SimProcess, spawn_qemu
+from mock_vfio.pci_driver import unbind
 
 from vfiopy.bind import (
     BindState,
@@ -93,7 +94,7 @@ async def test_group_must_be_whole(host: Machine, proc: SimProcess, state: BindS
 async def test_group_member_unbound_is_fine(
     host: Machine, proc: SimProcess, state: BindState
 ) -> None:
-    host.unbind(host.devices[AUDIO])
+    unbind(host, host.devices[AUDIO])
     report = await bind_devices([GPU], kernel=proc, state=state)
     assert statuses(report) == {GPU: "bound"}
 

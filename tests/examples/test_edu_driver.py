@@ -196,7 +196,9 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_edu_not_bound_to_vfio(machine: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    machine.unbind(machine.device(EDU))
+    from mock_vfio.pci_driver import unbind
+
+    unbind(machine, machine.device(EDU))
     code, doc, _ = run_json(machine, capsys, EDU)
     assert code == 1
     assert "bound to no driver, not vfio-pci" in doc["error"]
@@ -218,7 +220,7 @@ def test_no_edu_at_all(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_stuck_device_times_out_naming_register_and_device(
     machine: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mock_vfio.devices import EDU_STATUS, Edu
+    from mock_vfio.edu import EDU_STATUS, Edu
 
     service = Edu.service
 
@@ -242,7 +244,7 @@ def test_a_stuck_device_times_out_naming_register_and_device(
 def test_a_lost_msi_times_out_and_says_the_device_raised_it(
     machine: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mock_vfio.machine import Device
+    from mock_vfio.pci import Device
 
     monkeypatch.setattr(Device, "raise_irq", lambda self, vector=0: False)
     code, doc, _ = run_json(machine, capsys, "--timeout", "0.2")
@@ -259,7 +261,7 @@ def test_a_lost_msi_times_out_and_says_the_device_raised_it(
 def test_dma_corruption_is_reported(
     machine: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mock_vfio.devices import EDU_DMA_BUF, Edu
+    from mock_vfio.edu import EDU_DMA_BUF, Edu
 
     dma = Edu._dma
 

@@ -12,7 +12,9 @@ import pytest
 mock_vfio = pytest.importorskip("mock_vfio")
 
 from mock_vfio import Machine, SimProcess, load_topology  # noqa: E402
-from mock_vfio.topology import TopologyError, dump_toml, parse_toml  # noqa: E402
+from mock_vfio.topology import TopologyError  # noqa: E402
+from mock_vfio.topology_dump import dump_toml  # noqa: E402
+from mock_vfio.topology_load import parse_toml  # noqa: E402
 
 from vfiopy._uapi import PciIrq, PciRegion  # noqa: E402
 from vfiopy.bench._bringup import _size_bars_by_writing, kernel_flips, memory_flips  # noqa: E402

@@ -11,7 +11,8 @@ from typing import Any
 from hypothesis import event, given
 from hypothesis import strategies as st
 from mock_vfio import Machine
-from mock_vfio.topology import Topology, TopologyError, load_topology, parse_toml
+from mock_vfio.topology import Topology, TopologyError
+from mock_vfio.topology_load import load_topology, parse_toml
 from prop_helpers import budget
 
 # --- a small TOML writer (tomllib only reads) -----------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from mock_vfio.pci_driver import bind, unbind
 from release_helpers import (
     MachineFactory,
     concurrent,
@@ -203,8 +204,8 @@ def test_device_not_bound_to_vfio(
     cli = m.spawn(name="cli")
     addrs = vfio_devices(cli)
     gpu = m.device(addrs[0])
-    m.unbind(gpu)
-    m.bind(gpu, "nvidia")
+    unbind(m, gpu)
+    bind(m, gpu, "nvidia")
     code, _, err = run(addrs, cli, capsys)
     assert code == 1
     assert addrs[0] in err and "nvidia" in err and "driverctl" in err
@@ -216,8 +217,8 @@ def test_non_viable_group(machine: MachineFactory, capsys: pytest.CaptureFixture
     cli = m.spawn(name="cli")
     addrs = vfio_devices(cli)
     audio = m.device(addrs[1])
-    m.unbind(audio)
-    m.bind(audio, "snd_hda_intel")
+    unbind(m, audio)
+    bind(m, audio, "snd_hda_intel")
     code, _, err = run([addrs[0]], cli, capsys)
     assert code == 1
     assert addrs[1] in err and "snd_hda_intel" in err and "group" in err

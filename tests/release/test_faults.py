@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from mock_vfio.pci_driver import remove_device
 from release_helpers import MachineFactory, vfio_devices, wait_until
 
 from vfiopy.release import Status, acquire, release
@@ -146,7 +147,7 @@ async def test_device_removed_mid_release(machine: MachineFactory) -> None:
 
     async def remove_soon() -> None:
         await anyio.sleep(0.005)
-        m.remove_device(gone)
+        remove_device(m, gone)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(remove_soon)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from mock_vfio import Machine, load_topology
-from mock_vfio.topology import parse_toml
+from mock_vfio.topology_load import parse_toml
 
 from vfiopy.kernel import Kernel
 from vfiopy.kmodel import KernelModel, label

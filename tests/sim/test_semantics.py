@@ -11,6 +11,7 @@ import time
 
 import pytest
 from mock_vfio import SIM_FD_BASE, Machine, load_topology
+from mock_vfio.pci_driver import remove_device
 
 from vfiopy._uapi import (
     PAGE_SIZE,
@@ -142,7 +143,7 @@ def test_non_viable_group_cannot_join_a_container(qemu: Machine) -> None:
 def test_removed_device_gives_enodev_and_release_completes(qemu: Machine) -> None:
     p = qemu.spawn()
     _, _, d = open_device(p, NICS[1])
-    qemu.remove_device(NICS[1])
+    remove_device(qemu, NICS[1])
     assert _errno(p.ioctl, d, Ioctl.DEVICE_GET_INFO, Struct("struct vfio_device_info").p) == (
         errno.ENODEV
     )

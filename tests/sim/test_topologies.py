@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 import pytest
 from mock_vfio import Machine, Topology, available, load_topology, parse_toml
-from mock_vfio.topology import FunctionSpec, describe, dump_toml, gpus, main, nvme, vfs
+from mock_vfio.topology import FunctionSpec
+from mock_vfio.topology_dump import describe, dump_toml, main
+from mock_vfio.topology_gen import gpus, nvme, vfs
 
 from .conftest import SCALE, open_device
 

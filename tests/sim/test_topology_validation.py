@@ -5,18 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mock_vfio.topology import (
-    GENERATOR_MAX,
-    MAX_FILE_BYTES,
-    MAX_FUNCTIONS,
-    TopologyError,
-    available,
-    gpus,
-    load_topology,
-    nvme,
-    validate,
-    vfs,
-)
+from mock_vfio.topology import MAX_FUNCTIONS, TopologyError, validate
+from mock_vfio.topology_gen import gpus, nvme, vfs
+from mock_vfio.topology_load import GENERATOR_MAX, MAX_FILE_BYTES, available, load_topology
 
 from vfiopy.release.cli import main
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from mock_vfio import Machine, SimProcess
+from mock_vfio.pci_driver import unbind
 from sriov_helpers import NIC, PF
 
 from vfiopy.bind import BindRefused, BindState, BindUsageError, restore_devices
@@ -91,7 +92,7 @@ async def test_errors_touch_nothing(host: Machine, proc: SimProcess) -> None:
 
 
 async def test_pf_without_driver(host: Machine, proc: SimProcess) -> None:
-    host.unbind(host.devices[PF])
+    unbind(host, host.devices[PF])
     with pytest.raises(BindRefused) as info:
         await enable_vfs(PF, 2, kernel=proc)
     assert info.value.errno == errno.ENOENT and "no driver" in str(info.value)

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from mock_vfio.pci_driver import bind, remove_device, unbind
 
 from vfiopy._uapi import DeviceFlag, Feature, IommuType, PciIrq, PciRegion, Struct, lib
 from vfiopy.container import Container
@@ -193,8 +194,8 @@ def test_cdev_open_by_hand(k: Any) -> None:
 def test_non_viable_group_names_the_blocking_driver(machine: Any, k: Any) -> None:
     audio = machine.device(AUDIO0)
     driver = audio.spec.native_driver or "snd_hda_intel"
-    machine.unbind(audio)
-    machine.bind(audio, driver)
+    unbind(machine, audio)
+    bind(machine, audio, driver)
     with Session(k) as s, pytest.raises(GroupNotViableError) as info:
         s.open_device(GPU0)
     text = str(info.value)
@@ -267,7 +268,7 @@ def test_closed_device_and_closed_fd(k: Any) -> None:
 def test_removed_device_is_reported_gone(machine: Any, k: Any) -> None:
     with Session(k) as s:
         dev = s.open_device(GPU0)
-        machine.remove_device(GPU0)
+        remove_device(machine, GPU0)
         with pytest.raises(VfioError) as info:
             dev.config.read32(0)
         assert info.value.errno == errno.ENODEV

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from mock_vfio.topology import main
+from mock_vfio.topology_dump import main
 
 sys.exit(main())

@@ -37,11 +37,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mock_vfio.iov import set_numvfs
+from mock_vfio.pci_driver import probe
 from mock_vfio.topology import split_addr
 from mock_vfio.trace import Event, now, oserror, thread_name
 
 if TYPE_CHECKING:
-    from mock_vfio.machine import Device, Machine
+    from mock_vfio.machine import Machine
+    from mock_vfio.pci import Device
 
 # Model seconds per probe and per remove, by driver.  The VF drivers' probes follow the
 # times reported for enabling SR-IOV with autoprobe on: i40e's 64 VFs probed by iavf in
@@ -173,12 +176,12 @@ class HostDrivers:
             for vf in pf.vfs:  # pci_iov_remove_virtfn: each VF's driver is removed
                 if vf.driver is not None:
                     self.removing(vf, vf.driver)
-        m.set_numvfs(pf, n, probe=True)
+        set_numvfs(m, pf, n, probe=True)
 
     def vf_added(self, vf: Device) -> None:
         """``pci_iov_add_virtfn``: the VF appears, then the bus probes it when it may."""
         self.machine.sleep(VF_ADD_COST)
-        self.machine.probe(vf)
+        probe(self.machine, vf)
 
     def _token(self, pf: Device) -> str:
         # vfio_pci_vf_init: a random token until the user sets one

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 
 from mock_vfio.hostdrv import IFF_UP, NetState
-from mock_vfio.machine import Device, Machine
-from mock_vfio.sysfs import Attr, Dir, Link, Node, _real
+from mock_vfio.kernfs import Attr, Dir, Link, Node
+from mock_vfio.machine import Machine
+from mock_vfio.pci import Device
+from mock_vfio.sysfs import _real
 
 _VIRTUAL_NET = ("lo",)
 

@@ -14,7 +14,9 @@ import json
 import os
 from typing import Any
 
+from mock_vfio.iov import set_numvfs
 from mock_vfio.machine import Machine
+from mock_vfio.pci_driver import bind, unbind
 
 SCHEMA = 1
 
@@ -48,8 +50,8 @@ def apply(m: Machine, doc: dict[str, Any]) -> None:
             if pf is not None and pf.numvfs != n:
                 with contextlib.suppress(OSError):
                     if pf.numvfs:
-                        m.set_numvfs(pf, 0)
-                    m.set_numvfs(pf, int(n))
+                        set_numvfs(m, pf, 0)
+                    set_numvfs(m, pf, int(n))
         m.host.vf_tokens.update(doc.get("vf_tokens", {}))
         m.host.vfio_enable_sriov = bool(doc.get("vfio_enable_sriov", False))
         for a, want in doc.get("devices", {}).items():
@@ -62,9 +64,9 @@ def apply(m: Machine, doc: dict[str, Any]) -> None:
                 continue
             with contextlib.suppress(OSError):
                 if dev.driver is not None:
-                    m.unbind(dev)
+                    unbind(m, dev)
                 if driver is not None:
-                    m.bind(dev, driver)
+                    bind(m, dev, driver)
     finally:
         m.time_scale = scale
 

@@ -18,17 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from mock_vfio.files import (
-    ContainerFile,
-    DeviceFile,
-    File,
-    GroupFile,
-    IommufdFile,
-    PidFile,
-    SysfsConfigFile,
-)
-from mock_vfio.machine import Device, Machine
+from mock_vfio import vfs
+from mock_vfio.file import File, PidFile
+from mock_vfio.iommufd import IommufdFile
+from mock_vfio.machine import Machine
+from mock_vfio.pci import Device
+from mock_vfio.pci_sysfs import SysfsConfigFile
 from mock_vfio.trace import oserror
+from mock_vfio.vfio_container import ContainerFile
+from mock_vfio.vfio_group import GroupFile
+from mock_vfio.vfio_pci_core import DeviceFile
 from vfiopy._uapi import CData
 from vfiopy.kernel import LinuxKernel
 
@@ -119,9 +118,7 @@ class SimProcess:
         self.machine.faults.check(("open",), self._dev_of_path(path))
         if not self.alive:
             raise oserror(errno.ESRCH, "process has exited")
-        from mock_vfio.sysfs import open_node
-
-        f = open_node(self, path, flags)
+        f = vfs.open_node(self, path, flags)
         try:
             return self.install(f)
         except OSError:
@@ -383,37 +380,25 @@ class SimProcess:
 
     def read_text(self, path: str) -> str:
         self.machine.faults.check(("read_text",), self._dev_of_path(path))
-        from mock_vfio.sysfs import read_text
-
-        return read_text(self, path)
+        return vfs.read_text(self, path)
 
     def write_text(self, path: str, data: str) -> None:
         self.machine.faults.check(("write_text",), self._dev_of_path(path))
-        from mock_vfio.sysfs import write_text
-
-        write_text(self, path, data)
+        vfs.write_text(self, path, data)
 
     def listdir(self, path: str) -> list[str]:
         self.machine.faults.check(("listdir",), self._dev_of_path(path))
-        from mock_vfio.sysfs import listdir
-
-        return listdir(self, path)
+        return vfs.listdir(self, path)
 
     def readlink(self, path: str) -> str:
         self.machine.faults.check(("readlink",), self._dev_of_path(path))
-        from mock_vfio.sysfs import readlink
-
-        return readlink(self, path)
+        return vfs.readlink(self, path)
 
     def exists(self, path: str) -> bool:
-        from mock_vfio.sysfs import exists
-
-        return exists(self, path)
+        return vfs.exists(self, path)
 
     def access(self, path: str, mode: int) -> bool:
-        from mock_vfio.sysfs import access
-
-        return access(self, path, mode)
+        return vfs.access(self, path, mode)
 
 
 def _addr(f: File) -> str | None:

@@ -17,10 +17,12 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from mock_vfio.files import File
-from mock_vfio.machine import PAGE, Device, Machine
+from mock_vfio.file import File
+from mock_vfio.machine import Machine
+from mock_vfio.pci import Device
 from mock_vfio.process import SimProcess
 from mock_vfio.trace import oserror
+from mock_vfio.uapi import PAGE
 from vfiopy._uapi import (
     MAP_ANONYMOUS,
     MAP_SHARED,

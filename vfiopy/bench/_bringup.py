@@ -38,8 +38,10 @@ def _bars(machine: Any, addr: str) -> list[int]:
 def kernel_flips(machine: Any, addr: str) -> int:
     """The MEMORY transitions the kernel makes when ``addr`` is opened: the enable, and two
     around the reset at open when the device has a function reset."""
+    from mock_vfio.pci_reset import function_reset_method
+
     dev = machine.devices[addr]
-    return 1 + (2 if dev.function_reset_method() is not None else 0)
+    return 1 + (2 if function_reset_method(dev) is not None else 0)
 
 
 def bound_vfiopy(system: System) -> float:

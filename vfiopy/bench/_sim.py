@@ -34,7 +34,7 @@ def _simulator() -> tuple[ModuleType, ModuleType, ModuleType]:
     try:
         return (
             importlib.import_module("mock_vfio.machine"),
-            importlib.import_module("mock_vfio.topology"),
+            importlib.import_module("mock_vfio.topology_load"),
             importlib.import_module("mock_vfio.trace"),
         )
     except ImportError as exc:

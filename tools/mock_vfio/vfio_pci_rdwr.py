@@ -1,0 +1,104 @@
+"""``pread``/``pwrite`` on a vfio-pci device's regions (drivers/vfio/pci/vfio_pci_rdwr.c;
+config space goes through :mod:`mock_vfio.config`)."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from mock_vfio.trace import oserror
+from mock_vfio.uapi import (
+    CONFIG_INDEX,
+    OFFSET_MASK,
+    OFFSET_SHIFT,
+    ROM_INDEX,
+    VGA_INDEX,
+)
+from mock_vfio.vfio_device import VfioDeviceFile
+
+if TYPE_CHECKING:
+    from mock_vfio.process import SimProcess
+
+
+class VfioPciRdwr(VfioDeviceFile):
+    def pread(self, proc: SimProcess, size: int, offset: int) -> bytes:
+        dev = self._check_access()
+        index, pos = offset >> OFFSET_SHIFT, offset & OFFSET_MASK
+        if index == CONFIG_INDEX:
+            cfg = dev.config
+            if pos >= dev.spec.cfg_size:
+                raise oserror(errno.EINVAL, "config offset")
+            return cfg.read(pos, min(size, dev.spec.cfg_size - pos))
+        if index == ROM_INDEX:
+            rs = dev.spec.rom_size
+            if not rs or pos >= rs:
+                raise oserror(errno.EINVAL, "ROM")
+            rom = bytearray(min(size, rs - pos))
+            sig = b"\x55\xaa"
+            for i in range(len(rom)):
+                if pos + i < 2:
+                    rom[i] = sig[pos + i]
+            return bytes(rom)
+        mem, n = self._bar_range(index, pos, size)
+        if dev.model is not None:
+            hooked = dev.model.mmio_read(index, pos, n)
+            if hooked is not None:
+                return hooked
+        data = bytearray(mem[pos : pos + n])
+        self._mask_msix(index, pos, data, None)
+        return bytes(data)
+
+    def pwrite(self, proc: SimProcess, data: bytes, offset: int) -> int:
+        dev = self._check_access()
+        index, pos = offset >> OFFSET_SHIFT, offset & OFFSET_MASK
+        if index == CONFIG_INDEX:
+            if pos >= dev.spec.cfg_size:
+                raise oserror(errno.EINVAL, "config offset")
+            n = min(len(data), dev.spec.cfg_size - pos)
+            dev.config.user_write(pos, data[:n])
+            return n
+        if index == ROM_INDEX:
+            raise oserror(errno.EINVAL, "ROM is read-only")
+        mem, n = self._bar_range(index, pos, len(data))
+        chunk = bytearray(data[:n])
+        if self._mask_msix(index, pos, chunk, mem):
+            return n
+        if dev.model is not None and dev.model.mmio_write(index, pos, bytes(chunk)):
+            return n
+        mem[pos : pos + n] = bytes(chunk)
+        return n
+
+    def _bar_range(self, index: int, pos: int, size: int) -> tuple[Any, int]:
+        dev = self.dev
+        if index == VGA_INDEX and dev.spec.vga:
+            raise oserror(errno.EINVAL, "VGA access is not modelled")
+        bar = dev.bar(index) if 0 <= index < ROM_INDEX else None
+        if bar is None:
+            raise oserror(errno.EINVAL, f"region {index}")
+        if pos >= bar.size:
+            raise oserror(errno.EINVAL, "offset past the BAR")
+        if dev.low_power:
+            raise oserror(errno.EIO, "device is in low power")
+        if not bar.is_io and not dev.memory_enabled():
+            # __vfio_pci_memory_enabled(): BAR access with decoding off faults
+            raise oserror(errno.EIO, "PCI_COMMAND_MEMORY is clear")
+        return dev.bar_memory(index), min(size, bar.size - pos)
+
+    def _mask_msix(self, index: int, pos: int, data: bytearray, mem: Any) -> bool:
+        """vfio_pci_bar_rw skips the MSI-X table: reads fill 0xff, writes drop."""
+        m = self.dev.spec.msix
+        if m is None or m.table_bar != index:
+            return False
+        lo, hi = m.table_offset, m.table_offset + m.count * 16
+        touched = False
+        for i in range(len(data)):
+            if lo <= pos + i < hi:
+                touched = True
+                if mem is None:
+                    data[i] = 0xFF
+                else:
+                    data[i] = mem[pos + i]
+        if mem is not None and touched:
+            mem[pos : pos + len(data)] = bytes(data)
+            return True
+        return False
