@@ -228,6 +228,11 @@ PROT_WRITE: int = lib.PROT_WRITE
 MAP_SHARED: int = lib.MAP_SHARED
 MAP_PRIVATE: int = lib.MAP_PRIVATE
 MAP_ANONYMOUS: int = lib.MAP_ANONYMOUS
+# Hugetlb memory without a hugetlbfs mount: MAP_HUGETLB (Linux 2.6.32, 4e52780d41a7), with
+# the page size's log2 in bits 26-31 (MAP_HUGE_SHIFT, Linux 3.8, 42d7395feb56).  The
+# asm-generic values, which x86, arm64, riscv, powerpc and s390 use.
+MAP_HUGETLB = 0x40000
+MAP_HUGE_SHIFT = 26
 
 
 class Struct:

@@ -7,11 +7,12 @@ iommufd destroys every object in it.
 
 from __future__ import annotations
 
+import enum
 import errno
 from typing import Any
 
 from vfiopy._fdguard import FdGuard
-from vfiopy._uapi import Closable, IoasMapFlag, Struct, ffi, ioctl, open_node
+from vfiopy._uapi import Closable, IoasMapFlag, Struct, ffi, ioctl, lib, open_node
 from vfiopy.dma import IovaRange
 from vfiopy.errors import DmaMapError, OpenIommufdError, ReleaseError, VfioError, raise_as
 from vfiopy.kernel import O_RDWR, Kernel, default_kernel
@@ -23,6 +24,20 @@ _MAP_ADVICE = {
     errno.ENOMEM: "the locked-memory limit is too low (raise ulimit -l / RLIMIT_MEMLOCK)",
     errno.ENOENT: "no IOAS with that id; allocate one with alloc_ioas()",
 }
+_OPTION_ADVICE = {
+    errno.ENOTTY: "this kernel has no IOMMU_OPTION (Linux 6.2+)",
+    errno.EOPNOTSUPP: "this kernel does not know the option",
+    errno.ENOENT: "no IOAS with that id; allocate one with alloc_ioas()",
+    errno.EINVAL: "huge pages can be turned off only before anything is mapped while a "
+    "device is attached: set it first, or unmap everything",
+}
+
+
+class IommuOption(enum.IntEnum):
+    """``enum iommufd_option`` (include/uapi/linux/iommufd.h, Linux 6.2)."""
+
+    RLIMIT_MODE = lib.IOMMU_OPTION_RLIMIT_MODE
+    HUGE_PAGES = lib.IOMMU_OPTION_HUGE_PAGES
 
 
 class Iommufd(Closable):
@@ -48,7 +63,12 @@ class Iommufd(Closable):
         self.closed = False
 
     def _ioctl(
-        self, name: str, s: Struct, error: type[VfioError], detail: str | None = None
+        self,
+        name: str,
+        s: Struct,
+        error: type[VfioError],
+        detail: str | None = None,
+        advice: dict[int, str] = _MAP_ADVICE,
     ) -> int:
         with self.guard.hold(error, name) as fd:
             return ioctl(
@@ -59,7 +79,7 @@ class Iommufd(Closable):
                 error=error,
                 device=self.path,
                 detail=detail,
-                advice=_MAP_ADVICE,
+                advice=advice,
             )
 
     def alloc_ioas(self) -> int:
@@ -106,6 +126,16 @@ class Iommufd(Closable):
 
     def iova_ranges(self, ioas: int) -> list[IovaRange]:
         """The IOVAs usable in ``ioas`` given the devices attached to it now."""
+        return self.iova_space(ioas)[0]
+
+    def iova_alignment(self, ioas: int) -> int:
+        """The alignment ``ioas`` requires of a mapping's IOVA and length (at least 1)."""
+        return self.iova_space(ioas)[1]
+
+    def iova_space(self, ioas: int) -> tuple[list[IovaRange], int]:
+        """IOMMU_IOAS_IOVA_RANGES: the usable ranges and out_iova_alignment, which is the
+        largest smallest-page of the attached devices' IOMMUs (PAGE_SIZE with huge pages off,
+        1 when nothing is attached)."""
         count = 0
         item = ffi.sizeof("struct iommu_iova_range")
         for _ in range(_MAX_GROW):
@@ -122,11 +152,35 @@ class Iommufd(Closable):
                     continue
                 raise
             ranges = ffi.cast("struct iommu_iova_range *", array)
-            return [
+            found = [
                 IovaRange(int(ranges[i].start), int(ranges[i].last))
                 for i in range(min(int(s.p.num_iovas), count))
             ]
+            return found, max(int(s.p.out_iova_alignment), 1)
         raise DmaMapError(errno.EMSGSIZE, self.path, "IOMMU_IOAS_IOVA_RANGES", "kept growing")
+
+    def option(self, option: IommuOption, object_id: int = 0, value: int | None = None) -> int:
+        """IOMMU_OPTION: get ``option`` of ``object_id`` (an IOAS id, or 0 for the global
+        RLIMIT_MODE), or set it to ``value``; returns the value the kernel holds."""
+        s = Struct("struct iommu_option")
+        s.p.option_id, s.p.object_id = int(option), object_id
+        if value is None:
+            s.p.op = lib.IOMMU_OPTION_OP_GET
+        else:
+            s.p.op, s.p.val64 = lib.IOMMU_OPTION_OP_SET, value
+        what = f"{option.name} of object {object_id}" + ("" if value is None else f" = {value}")
+        self._ioctl("IOMMU_OPTION", s, DmaMapError, what, _OPTION_ADVICE)
+        return int(s.p.val64)
+
+    def huge_pages(self, ioas: int) -> bool:
+        """Whether ``ioas`` lets the IOMMU map contiguous runs with large pages (default on)."""
+        return bool(self.option(IommuOption.HUGE_PAGES, ioas))
+
+    def set_huge_pages(self, ioas: int, enabled: bool) -> None:
+        """IOMMU_OPTION_HUGE_PAGES of ``ioas``: off maps everything with PAGE_SIZE pages,
+        which costs IOTLB reach (useful to measure that); the kernel refuses to turn it off
+        (EINVAL) once pages are mapped while a device is attached."""
+        self.option(IommuOption.HUGE_PAGES, ioas, int(enabled))
 
     def destroy(self, object_id: int) -> None:
         """Destroy an iommufd object (an IOAS once nothing is attached to it)."""
@@ -143,4 +197,4 @@ class Iommufd(Closable):
             self.kernel.close(self.fd)
 
 
-__all__ = ["IOMMUFD_PATH", "Iommufd"]
+__all__ = ["IOMMUFD_PATH", "IommuOption", "Iommufd"]

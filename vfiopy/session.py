@@ -18,13 +18,22 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from vfiopy._log import get_logger
 from vfiopy._uapi import Closable
 from vfiopy.container import Container
 from vfiopy.device import Device
-from vfiopy.dma import DmaBuffer, DmaSpace, IoasSpace, IovaAllocator
+from vfiopy.dma import (
+    DmaBuffer,
+    DmaMapping,
+    DmaSpace,
+    HugePage,
+    IoasSpace,
+    IovaAllocator,
+    IovaRange,
+    smallest_page,
+)
 from vfiopy.errors import DmaMapError, OpenDeviceError, ReleaseError, VfioError
 from vfiopy.events import RequestWatcher
 from vfiopy.group import Group
@@ -84,7 +93,8 @@ class Session(Closable):
         self._devices: dict[PciAddress, Device] = {}
         self._device_slot: dict[PciAddress, _GroupSlot] = {}
         self._opening: set[PciAddress] = set()
-        self._buffers: list[DmaBuffer] = []
+        # DMA buffers and mappings of the caller's memory: all unmapped by close.
+        self._buffers: list[DmaBuffer | DmaMapping] = []
         self._allocator: IovaAllocator | None = None
         self._watcher = (
             RequestWatcher(self.kernel, self._release_on_request) if release_on_request else None
@@ -93,6 +103,7 @@ class Session(Closable):
         self.iommufd: Iommufd | None = None
         self.ioas_id: int | None = None
         self._space: DmaSpace
+        self._ioas_space: IoasSpace | None = None
         if backend == "container":
             self.container = Container(self.kernel)
             self._space = self.container
@@ -103,7 +114,7 @@ class Session(Closable):
             except BaseException:
                 self.iommufd.close()
                 raise
-            self._space = IoasSpace(self.iommufd, self.ioas_id)
+            self._space = self._ioas_space = IoasSpace(self.iommufd, self.ioas_id)
         self.closed = False
 
     # --- devices ------------------------------------------------------------------
@@ -307,38 +318,130 @@ class Session(Closable):
     def dma(self) -> DmaSpace:
         return self._space
 
-    def alloc_dma_buffer(self, size: int, limit: int | None = None) -> DmaBuffer:
-        """Anonymous memory of ``size`` bytes, mapped at a free IOVA of the session.
+    @property
+    def huge_pages(self) -> bool:
+        """iommufd only: IOMMU_OPTION_HUGE_PAGES of the session's IOAS (Linux 6.2+).
 
-        ``limit``: the IOVA block ends at or below it (the device's DMA mask + 1).
+        On (the kernel's default), runs of contiguous pages are mapped with the
+        IOMMU's large pages; off, everything is mapped with PAGE_SIZE pages.
+        Turn it off before mapping anything.  type1 has no such switch: it
+        always uses the largest pages it can.
         """
+        return self._ioas().huge_pages
+
+    @huge_pages.setter
+    def huge_pages(self, enabled: bool) -> None:
+        self._ioas().huge_pages = enabled
+
+    def _ioas(self) -> IoasSpace:
+        if self._ioas_space is None:
+            raise DmaMapError(
+                errno.EOPNOTSUPP,
+                step="IOMMU_OPTION_HUGE_PAGES",
+                detail="the container backend has no huge-pages option",
+                advice="use Session(backend='iommufd'); type1 maps with large pages anyway",
+            )
+        return self._ioas_space
+
+    def _iova_layout(self) -> tuple[list[IovaRange], int]:
+        """The usable IOVA ranges and the IOMMU's smallest page, as the kernel reports them.
+
+        type1: VFIO_IOMMU_GET_INFO's iova_pgsizes and IOVA_RANGE capability (the whole
+        64-bit space when there is none); iommufd: IOMMU_IOAS_IOVA_RANGES and its
+        out_iova_alignment.  Never below the CPU's page: memory is mapped in those.
+        """
+        try:
+            if self.container is not None:
+                info = self.container.info()
+                ranges = info.iova_ranges or [IovaRange(0, (1 << 64) - 1)]
+                return ranges, smallest_page(info.pgsizes)
+            ranges, alignment = self._ioas().iommufd.iova_space(self._ioas().ioas_id)
+            return ranges, smallest_page(alignment)
+        except VfioError as exc:
+            # With a container they exist only once a device's group has set the IOMMU model.
+            if self.container is not None and self.container.iommu_type is None:
+                exc.advice = "open a device first: the IOMMU is set with the first group"
+            raise
+
+    def _iova_allocator(self) -> tuple[IovaAllocator, list[IovaRange]]:
+        """The session's allocator, and the ranges usable now: asked afresh each time, as
+        they shrink when a device with reserved regions attaches after the allocator was
+        made (an MSI window, say), and an IOVA must lie inside them at its map."""
+        ranges, page = self._iova_layout()
         with self._lock:
-            allocator = self._allocator
-        if allocator is None:
-            # The usable ranges come from the IOMMU: with a container they
-            # exist only once a device's group has set the IOMMU model.
-            try:
-                ranges = self._space.iova_ranges()
-            except VfioError as exc:
-                if self.container is not None and self.container.iommu_type is None:
-                    exc.advice = "open a device first: the IOMMU is set with the first group"
-                raise
-            with self._lock:
-                if self._allocator is None:
-                    self._allocator = IovaAllocator(ranges)
-                allocator = self._allocator
-        buf = DmaBuffer(self._space, size, allocator=allocator, kernel=self.kernel, limit=limit)
+            if self._allocator is None:
+                self._allocator = IovaAllocator(ranges, page)
+            return self._allocator, ranges
+
+    def _register(self, item: DmaBuffer | DmaMapping, step: str) -> None:
+        """Track ``item`` for close; undo it when the session closed meanwhile."""
         with self._lock:
             closed = self.closed
             if not closed:
-                self._buffers.append(buf)
+                self._buffers.append(item)
         if closed:
-            buf.close()
-            raise DmaMapError(errno.EBADF, step="allocate DMA buffer", detail="the session closed")
+            item.close()
+            raise DmaMapError(errno.EBADF, step=step, detail="the session closed")
+
+    def alloc_dma_buffer(
+        self, size: int, limit: int | None = None, *, hugepage: HugePage | None = None
+    ) -> DmaBuffer:
+        """Anonymous memory of ``size`` bytes, mapped at a free IOVA of the session.
+
+        ``limit``: the IOVA block ends at or below it (the device's DMA mask + 1).
+        ``hugepage``: "2M" or "1G" backs it with hugetlb pages (size rounded up to
+        whole ones, IOVA aligned to one); the host needs that many free in its pool
+        (/sys/kernel/mm/hugepages), else the error says how to reserve them.
+        """
+        allocator, ranges = self._iova_allocator()
+        buf = DmaBuffer(
+            self._space,
+            size,
+            allocator=allocator,
+            kernel=self.kernel,
+            limit=limit,
+            hugepage=hugepage,
+            page=allocator.page_size,
+            within=ranges,
+        )
+        self._register(buf, "allocate DMA buffer")
         return buf
 
-    def free_dma_buffer(self, buf: DmaBuffer) -> None:
-        """Unmap and release ``buf``; the last one lets a parked group close."""
+    def map_dma(
+        self,
+        obj: Any,
+        *,
+        read: bool = True,
+        write: bool = True,
+        limit: int | None = None,
+        align: int | None = None,
+    ) -> DmaMapping:
+        """Map the caller's memory (a bytearray, an mmap, a numpy array...) at a free IOVA.
+
+        The memory must be C-contiguous, writable unless ``write=False`` (the device
+        only reads it), and page-aligned in address and length (``mmap.mmap(-1, n)``
+        is).  It stays referenced and pinned (a bytearray cannot be resized) until
+        :meth:`unmap_dma` or :meth:`close`.  ``align``: a larger IOVA alignment, such
+        as 2 MiB for hugepage-backed memory.
+        """
+        allocator, ranges = self._iova_allocator()
+        mapping = DmaMapping(
+            self._space,
+            obj,
+            allocator=allocator,
+            read=read,
+            write=write,
+            limit=limit,
+            page=allocator.page_size,
+            align=align,
+            within=ranges,
+        )
+        self._register(mapping, "map caller memory")
+        return mapping
+
+    def free_dma_buffer(self, buf: DmaBuffer | DmaMapping) -> None:
+        """Unmap and release ``buf`` (a buffer, or a mapping of the caller's memory);
+        the last one lets a parked group close."""
         with self._lock:
             if buf in self._buffers:
                 self._buffers.remove(buf)
@@ -355,6 +458,14 @@ class Session(Closable):
             for slot in parked:
                 slot.refs += 1  # _release_group drops it again, and closes
                 self._release_group(slot)
+
+    unmap_dma = free_dma_buffer
+
+    @property
+    def dma_mappings(self) -> list[DmaBuffer | DmaMapping]:
+        """The session's DMA buffers and mappings of caller memory still mapped."""
+        with self._lock:
+            return list(self._buffers)
 
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -383,9 +494,16 @@ class Session(Closable):
             self._watcher.stop()
         with self._lock:
             buffers = list(self._buffers)
+        failed = False
         for buf in buffers:
             try:
                 self.free_dma_buffer(buf)
+            except OSError as exc:
+                errors.append(exc)
+                failed = True
+        if failed:
+            try:
+                self._unmap_leftovers()
             except OSError as exc:
                 errors.append(exc)
         with self._lock:
@@ -408,6 +526,17 @@ class Session(Closable):
             log.warning("session close step failed", error=str(err))
         if errors:
             raise errors[0]
+
+    def _unmap_leftovers(self) -> None:
+        """After a buffer failed to unmap: unmap all the space still maps, so no IOVA
+        outlives the session, even while the container or iommufd stays open elsewhere."""
+        if self.container is not None:
+            # Without an IOMMU model (no group left) the container holds no mapping.
+            if self.container.iommu_type is not None:
+                self.container.unmap_all()
+        elif self.iommufd is not None and self.ioas_id is not None:
+            # iova 0, length U64_MAX: every area of the IOAS (iommufd_ioas_unmap).
+            self.iommufd.unmap(self.ioas_id, 0, (1 << 64) - 1)
 
     def __repr__(self) -> str:
         return f"Session(backend={self.backend}, devices={len(self._devices)})"

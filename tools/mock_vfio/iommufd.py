@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from mock_vfio.file import File
-from mock_vfio.iova import DmaSpace, iova_ranges
+from mock_vfio.iova import DmaSpace, iova_ranges, min_pgsize
 from mock_vfio.trace import oserror
 from mock_vfio.uapi import (
     _IOCTLS,
@@ -60,6 +60,13 @@ class Ioas:
         self.dma = DmaSpace()
         self.users = 0
         self.next_iova = 1 << 32
+        self.huge_pages = True  # IOMMU_OPTION_HUGE_PAGES: iopt->disable_large_pages clear
+
+    def alignment(self, machine: Machine) -> int:
+        """iopt->iova_alignment (iopt_calculate_iova_alignment): 1 for a bare IOAS, PAGE_SIZE
+        with huge pages off, and at least the attached domains' smallest page."""
+        align = PAGE if not self.huge_pages else 1
+        return max(align, min_pgsize(machine)) if self.users else align
 
 
 class IommufdFile(File):
@@ -133,13 +140,14 @@ class IommufdFile(File):
                 if not targets:
                     raise oserror(errno.ENOENT, "IOAS_UNMAP: nothing mapped there")
             p.length = sum(ioas.dma.remove(s) for s in targets)
+            self.machine.counters.add("dma_unmaps", len(targets))
             return 0
         if request == Ioctl.IOMMUFD_IOAS_IOVA_RANGES:
             _, p = self._cmd(arg, "struct iommu_ioas_iova_ranges", "out_iova_alignment")
             ioas = self._ioas(int(p.ioas_id))
             ranges = iova_ranges(self.machine) if ioas.users else ((0, U64_MAX),)
             n = int(p.num_iovas)
-            p.out_iova_alignment = PAGE
+            p.out_iova_alignment = ioas.alignment(self.machine)
             p.num_iovas = len(ranges)
             if n < len(ranges):
                 raise oserror(errno.EMSGSIZE, "num_iovas too small")
@@ -153,15 +161,41 @@ class IommufdFile(File):
             self._ioas(int(p.ioas_id))
             return 0
         if request == Ioctl.IOMMUFD_OPTION:
-            _, p = self._cmd(arg, "struct iommu_option", "val64")
-            if p.option_id not in (lib.IOMMU_OPTION_RLIMIT_MODE, lib.IOMMU_OPTION_HUGE_PAGES):
-                raise oserror(errno.EOPNOTSUPP, "IOMMU_OPTION id")
-            if p.op == lib.IOMMU_OPTION_OP_GET:
-                p.val64 = 1 if p.option_id == lib.IOMMU_OPTION_HUGE_PAGES else 0
-            elif p.op != lib.IOMMU_OPTION_OP_SET:
-                raise oserror(errno.EOPNOTSUPP, "IOMMU_OPTION op")
-            return 0
+            a, p = self._cmd(arg, "struct iommu_option", "val64")
+            return self._option(a, p)
         raise oserror(errno.ENOTTY, f"iommufd ioctl {request:#x}")
+
+    def _option(self, a: int, p: Any) -> int:
+        """iommufd_option (Linux 6.2, drivers/iommu/iommufd/main.c and ioas.c)."""
+        # __reserved, the u16 after op (the binding does not name it)
+        if read_mem(a + offsetofend("struct iommu_option", "op"), 2) != b"\0\0":
+            raise oserror(errno.EOPNOTSUPP, "IOMMU_OPTION __reserved")
+        op, val = int(p.op), int(p.val64)
+        if p.option_id == lib.IOMMU_OPTION_RLIMIT_MODE:
+            if p.object_id:
+                raise oserror(errno.EOPNOTSUPP, "RLIMIT_MODE is global: object_id must be 0")
+            if op == lib.IOMMU_OPTION_OP_GET:
+                p.val64 = 0
+            elif op != lib.IOMMU_OPTION_OP_SET or val not in (0, 1):
+                raise oserror(errno.EINVAL if op == lib.IOMMU_OPTION_OP_SET else errno.EOPNOTSUPP)
+            return 0
+        if p.option_id != lib.IOMMU_OPTION_HUGE_PAGES:
+            raise oserror(errno.EOPNOTSUPP, "IOMMU_OPTION id")
+        ioas = self._ioas(int(p.object_id))  # a per-IOAS option: ENOENT for another id
+        if op == lib.IOMMU_OPTION_OP_GET:
+            p.val64 = int(ioas.huge_pages)
+        elif op != lib.IOMMU_OPTION_OP_SET:
+            raise oserror(errno.EOPNOTSUPP, "IOMMU_OPTION op")
+        elif val == 0:
+            # iopt_disable_large_pages: not once a domain holds mapped pages
+            if ioas.huge_pages and ioas.users and ioas.dma.count():
+                raise oserror(errno.EINVAL, "HUGE_PAGES off with pages mapped in a domain")
+            ioas.huge_pages = False
+        elif val == 1:
+            ioas.huge_pages = True
+        else:
+            raise oserror(errno.EINVAL, f"HUGE_PAGES value {val}")
+        return 0
 
     def _map(self, p: Any) -> int:
         flags = int(p.flags)
@@ -175,10 +209,18 @@ class IommufdFile(File):
         prot = (1 if flags & IoasMapFlag.READABLE else 0) | (
             2 if flags & IoasMapFlag.WRITEABLE else 0
         )
+        # iopt_alloc_area_pages / iopt_check_iova / iopt_insert_area: the length, the IOVA
+        # and the address's offset in its page aligned to iova_alignment, else EINVAL
+        align = ioas.alignment(self.machine)
+        if length & (align - 1) or (va % PAGE) & (align - 1):
+            raise oserror(errno.EINVAL, f"IOAS_MAP length or address not {align:#x}-aligned")
         if flags & IoasMapFlag.FIXED_IOVA:
             iova = int(p.iova)
-            if iova & (PAGE - 1) or (va ^ iova) & (PAGE - 1):
-                raise oserror(errno.EINVAL, "IOAS_MAP iova alignment")
+            if iova & (align - 1):
+                raise oserror(errno.EINVAL, f"IOAS_MAP iova not {align:#x}-aligned")
+            ranges = iova_ranges(self.machine) if ioas.users else ((0, U64_MAX),)
+            if not any(s <= iova and iova + length - 1 <= e for s, e in ranges):
+                raise oserror(errno.EINVAL, f"iova {iova:#x}+{length:#x} hits a reserved range")
             if ioas.dma.find_overlap(iova, length):
                 raise oserror(errno.EEXIST, f"iova {iova:#x} in use")
         else:

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from mock_vfio.machine import Machine
 
 IOVA_RANGES = ((0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1))  # x86: MSI window reserved
+IOVA_PGSIZES = 0x40201000  # 4K | 2M | 1G, as intel-iommu reports
+
+
+def min_pgsize(machine: Machine) -> int:
+    """The IOMMU's smallest page: vfio_dma_do_map's ``1 << __ffs(pgsize_bitmap)``."""
+    return machine.iova_pgsizes & -machine.iova_pgsizes
 
 
 def iova_ranges(machine: Machine) -> tuple[tuple[int, int], ...]:
@@ -51,7 +57,7 @@ class DmaSpace:
     def remove(self, iova: int) -> int:
         with self.lock:
             size = self.maps.pop(iova)[0]
-            self.starts.remove(iova)
+            del self.starts[bisect.bisect_left(self.starts, iova)]  # not a linear search
             return size
 
     def clear(self) -> None:

@@ -15,7 +15,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mock_vfio.hostdrv import HostDrivers
+from mock_vfio.hugetlb import HugetlbPool
 from mock_vfio.iov import set_numvfs
+from mock_vfio.iova import IOVA_PGSIZES
 from mock_vfio.pci import Bridge, Device
 from mock_vfio.pci_driver import add_function
 from mock_vfio.topology import Topology
@@ -56,6 +58,8 @@ class Machine:
         bus_master_feature: bool = False,
         msix_sparse: bool = False,
         msix_dynamic: bool | None = None,
+        iova_pgsizes: int = IOVA_PGSIZES,
+        hugepages: dict[int, int] | None = None,
     ) -> None:
         # The models not chosen explicitly follow the modelled kernel version.
         self.kernel_version = check_version(kernel_version)
@@ -87,6 +91,16 @@ class Machine:
         # does); NORESIZE is then clear.  False models a platform that cannot.
         self.msix_dynamic = kernel_version >= MSIX_DYNAMIC if msix_dynamic is None else msix_dynamic
         self.virqfds = Virqfds()  # the kernel's eventfd listeners (INTx unmask, ioeventfds)
+        # The IOMMU's page sizes (VFIO_IOMMU_GET_INFO's iova_pgsizes): the smallest one is
+        # the alignment type1 and an attached IOAS require.
+        if iova_pgsizes <= 0:
+            raise ValueError(f"iova_pgsizes must be a non-empty bitmap, not {iova_pgsizes:#x}")
+        self.iova_pgsizes = iova_pgsizes
+        # Free hugetlb pages by size (bytes): a MAP_HUGETLB mmap takes them from here
+        # (ENOMEM when short) and is backed by ordinary memory, so hugepage code runs
+        # on a host without any reserved.  None: such mmaps go to the host's own pool.
+        self.hugepages = hugepages
+        self.hugetlb = HugetlbPool(hugepages) if hugepages is not None else None
         self.trace: list[Event] = []
         self.counters = Counters()
         self.faults = Faults()

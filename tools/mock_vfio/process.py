@@ -28,7 +28,7 @@ from mock_vfio.trace import oserror
 from mock_vfio.vfio_container import ContainerFile
 from mock_vfio.vfio_group import GroupFile
 from mock_vfio.vfio_pci_core import DeviceFile
-from vfiopy._uapi import CData
+from vfiopy._uapi import MAP_HUGETLB, CData
 from vfiopy.kernel import LinuxKernel
 
 _HOST = LinuxKernel()
@@ -214,6 +214,8 @@ class SimProcess:
 
     def mmap(self, fd: int, length: int, offset: int, prot: int, flags: int) -> int:
         if not self.is_sim_fd(fd):
+            if flags & MAP_HUGETLB and fd == -1 and self.machine.hugetlb is not None:
+                return self.machine.hugetlb.mmap(length, prot, flags)
             # Anonymous memory (DMA buffers) and real fds are the host's own.
             addr = _HOST.mmap(fd, length, offset, prot, flags)
             with self._lock:
@@ -231,6 +233,8 @@ class SimProcess:
         if length <= 0 or addr & 4095:
             raise oserror(errno.EINVAL, "munmap")
         self.machine.faults.check(("munmap",), None)
+        if self.machine.hugetlb is not None and self.machine.hugetlb.munmap(addr, length):
+            return
         with self._lock:
             host = (addr, length) in self._host_maps
             self._host_maps.discard((addr, length))

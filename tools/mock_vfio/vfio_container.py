@@ -9,10 +9,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from mock_vfio.file import File
-from mock_vfio.iova import DmaSpace, iova_ranges
+from mock_vfio.iova import DmaSpace, iova_ranges, min_pgsize
 from mock_vfio.trace import oserror
 from mock_vfio.uapi import (
-    PAGE,
     U64_MAX,
     CapChain,
     addr_of,
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from mock_vfio.process import SimProcess
     from mock_vfio.vfio_group import Group
 
-IOVA_PGSIZES = 0x40201000  # 4K | 2M | 1G, as intel-iommu reports
 DMA_ENTRY_LIMIT = 65535  # vfio_iommu_type1 dma_entry_limit default
 # Answered by type1 only once a container has its IOMMU (vfio_iommu_type1_check_extension
 # with no iommu data, as a container without a model asks every driver, says 0 to these).
@@ -126,7 +124,8 @@ class ContainerFile(File):
         ct = "struct vfio_iommu_type1_info"
         argsz, _ = check_argsz(a, ct, "iova_pgsizes")
         caps = CapChain()
-        caps.add(IommuInfoCap.MIGRATION, 1, struct.pack("<IQQ", 0, IOVA_PGSIZES, 256 << 20)[:20])
+        pgsizes = self.machine.iova_pgsizes
+        caps.add(IommuInfoCap.MIGRATION, 1, struct.pack("<IQQ", 0, pgsizes, 256 << 20)[:20])
         avail = DMA_ENTRY_LIMIT - self.container.dma.count()
         caps.add(IommuInfoCap.DMA_AVAIL, 1, struct.pack("<I", avail))
         ranges = iova_ranges(self.machine)
@@ -138,7 +137,7 @@ class ContainerFile(File):
         p = as_struct(a, ct)
         # copy_to_user(arg, &info, min(argsz, sizeof(info)))
         p.flags = IommuInfoFlag.PGSIZES | IommuInfoFlag.CAPS
-        p.iova_pgsizes = IOVA_PGSIZES
+        p.iova_pgsizes = pgsizes
         p.argsz = new_argsz
         if argsz >= offsetofend(ct, "cap_offset"):
             p.cap_offset = cap_offset
@@ -156,8 +155,10 @@ class ContainerFile(File):
         if bool(prot) == set_vaddr:
             raise oserror(errno.EINVAL, "MAP_DMA needs READ/WRITE, or VADDR alone")
         iova, size, vaddr = int(p.iova), int(p.size), int(p.vaddr)
-        if not size or (size | iova | vaddr) & (PAGE - 1):
-            raise oserror(errno.EINVAL, "MAP_DMA: zero size or not page aligned")
+        # vfio_dma_do_map: size, iova and vaddr aligned to the IOMMU's smallest page
+        pgsize = min_pgsize(self.machine)
+        if not size or (size | iova | vaddr) & (pgsize - 1):
+            raise oserror(errno.EINVAL, f"MAP_DMA: zero size or not {pgsize:#x}-aligned")
         if iova + size - 1 > U64_MAX or vaddr + size - 1 > U64_MAX:
             raise oserror(errno.EINVAL, "MAP_DMA wraps")
         dma = self.container.dma
@@ -199,7 +200,8 @@ class ContainerFile(File):
                 raise oserror(errno.EINVAL, "UNMAP_DMA ALL with iova/size")
             targets = list(dma.starts)
         else:
-            if not size or (iova | size) & (PAGE - 1) or iova + size - 1 > U64_MAX:
+            pgsize = min_pgsize(self.machine)  # vfio_dma_do_unmap, as for a map
+            if not size or (iova | size) & (pgsize - 1) or iova + size - 1 > U64_MAX:
                 raise oserror(errno.EINVAL, "UNMAP_DMA: zero size, unaligned or wraps")
             targets = dma.find_overlap(iova, size)
             for s in targets:
@@ -212,6 +214,7 @@ class ContainerFile(File):
                 done += dma.maps[s][0]
                 continue
             done += dma.remove(s)
+            self.machine.counters.add("dma_unmaps")
         p.size = done
         return 0
 

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from mock_vfio.file import File
 from mock_vfio.iommufd import IommufdFile
+from mock_vfio.iova import min_pgsize
 from mock_vfio.trace import oserror
 from mock_vfio.uapi import (
     _IOCTLS,
+    PAGE,
     addr_of,
     as_struct,
     check_argsz,
@@ -129,6 +131,9 @@ class VfioDeviceFile(File):
         ioas = self.ictx.ioas.get(int(p.pt_id))
         if ioas is None:
             raise oserror(errno.ENOENT, f"no IOAS {int(p.pt_id)}")
+        if min_pgsize(self.machine) > PAGE:
+            # iopt_table_add_domain: a domain must accept PAGE_SIZE mappings
+            raise oserror(errno.EINVAL, "the IOMMU's smallest page exceeds PAGE_SIZE")
         with self.lock:
             if self.ioas is not None and self.ioas is not ioas:
                 raise oserror(errno.EINVAL, "already attached to another IOAS")
