@@ -33,6 +33,7 @@ from vfiopy._log import get_logger
 from vfiopy._uapi import Closable, IrqInfoFlag, IrqSetFlag, PciIrq, Struct, ffi, ioctl
 from vfiopy.errors import DeviceInfoError, IrqError, raise_as
 from vfiopy.kernel import EFD_NONBLOCK, Kernel
+from vfiopy.kmodel import MSIX_DYNAMIC, format_version
 
 log = get_logger(__name__)
 
@@ -217,8 +218,9 @@ class Irq(Closable):
             in_place=self.resizable,
             reason=None
             if self.resizable
-            else "VFIO_IRQ_INFO_NORESIZE is set (before Linux 6.5, not MSI-X, or no dynamic "
-            "MSI-X on this platform): the index was disabled and enabled again",
+            else f"VFIO_IRQ_INFO_NORESIZE is set (before Linux {format_version(MSIX_DYNAMIC)}, "
+            "not MSI-X, or no dynamic MSI-X on this platform): the index was disabled and "
+            "enabled again",
         )
         return list(new)
 

@@ -55,7 +55,6 @@ VF_OWN_DEVSET: KernelVersion = (6, 17)  # e908f58b6beb: a VF is a device set of 
 FDINFO_SYSPATH: KernelVersion = (6, 18)  # vfio-device-syspath in a device file's fdinfo
 # Driver-facing VFIO interfaces: before each, the kernel answers ENOTTY.
 IOEVENTFD: KernelVersion = (4, 17)  # 30656177c408: VFIO_DEVICE_IOEVENTFD
-DEVICE_FEATURE: KernelVersion = (5, 7)  # the VFIO_DEVICE_FEATURE ioctl
 LOW_POWER: KernelVersion = (6, 1)  # cc2742fe3660, 453e6c98fd2b: LOW_POWER_ENTRY/_EXIT/_WITH_WAKEUP
 MSIX_DYNAMIC: KernelVersion = (6, 5)  # e4163438e015, 6c8017c6a58d: MSI-X grows, NORESIZE clear
 
