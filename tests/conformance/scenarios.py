@@ -15,11 +15,15 @@ scenario closes what it opened, so they run one after another in one process, in
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -38,8 +42,9 @@ from vfiopy._uapi import (
     Struct,
     ffi,
 )
-from vfiopy.kernel import EFD_NONBLOCK, O_RDWR, Kernel
+from vfiopy.kernel import EFD_NONBLOCK, O_RDWR, POLLIN, Kernel
 from vfiopy.pci import CapId, ExtCapId
+from vfiopy.region import Mapping
 
 # The devices of tools/vmtest's guest (vmtest.layout() with 6 NICs) and of the simulator's
 # qemu-vmtest topology.
@@ -47,7 +52,10 @@ NIC = "0000:01:00.0"
 NIC2 = "0000:02:00.0"
 PAIR = ("0000:07:00.0", "0000:07:00.1")
 EDU = "0000:08:01.0"
+PF_EXITING = 0x4  # task flag in /proc/PID/stat (include/linux/sched.h)
 EDU_ID = 0x010000ED  # edu's identification register (BAR0 0x00): version 1.0
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2
 
 Json = dict[str, Any]
 
@@ -66,6 +74,8 @@ class ResetProbe(Protocol):
 
 
 Scenario = Callable[[Kernel, ResetProbe], Json]
+SimScenario = Callable[[Kernel, ResetProbe, Any], Json]
+"""A scenario the guest cannot show: it also gets the simulated Machine (fault injection)."""
 
 # (scenario, dotted key) -> why the simulator and the real kernel legitimately differ there.
 # Keep this table short and every reason concrete; never add an entry to make a bug pass.
@@ -134,6 +144,40 @@ def capability_offsets(dev: Device) -> Json:
             name = f"{'ext_' if cap.extended else ''}{cap.id:#04x}"
         out[("ext_" if cap.extended else "") + name] = cap.offset
     return out
+
+
+def config_command(kernel: Kernel, dev: Device) -> int:
+    """The command register through the config region (the user's, virtualised, view)."""
+    off = dev.region(PciRegion.CONFIG).offset + PCI_COMMAND
+    return int.from_bytes(kernel.pread(dev.fd, 2, off), "little")
+
+
+def write_command(kernel: Kernel, dev: Device, value: int) -> None:
+    """A raw write of the command register: vfiopy's own config writes refuse clearing
+    MEMORY under live mappings, the kernel does not."""
+    off = dev.region(PciRegion.CONFIG).offset + PCI_COMMAND
+    kernel.pwrite(dev.fd, value.to_bytes(2, "little"), off)
+
+
+def touch(bar: Mapping, off: int) -> str:
+    """One 32-bit load through ``bar`` in a forked child: "ok" or the signal that ended it.
+
+    A BAR the kernel zapped answers the load with SIGBUS, which would end this process;
+    the child takes it instead.  It does nothing but the load and _exit.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            faulthandler.disable()  # the signal ends it quietly; the parent reports it
+            bar.read32(off)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return signal.Signals(os.WTERMSIG(status)).name
+    return "ok" if os.waitstatus_to_exitcode(status) == 0 else f"exit {os.WEXITSTATUS(status)}"
 
 
 def group_status(kernel: Kernel, fd: int) -> int:
@@ -337,6 +381,52 @@ def bar_mmio(kernel: Kernel, probe: ResetProbe) -> Json:
     }
 
 
+def bar_memory_off(kernel: Kernel, probe: ResetProbe) -> Json:
+    """edu's BAR0 with PCI_COMMAND_MEMORY cleared by the user, then set again.
+
+    Clearing it zaps the BAR's mappings (Linux 5.8+): the next load through one faults with
+    SIGBUS, and pread/pwrite of the BAR fail with EIO; with MEMORY set again the mapping
+    faults back in and both work.
+    """
+    out: Json = {}
+    with opened(kernel, EDU) as (_, _, (dev,)):
+        region = dev.region(PciRegion.BAR0)
+        bar = region.mmap()
+        cmd = config_command(kernel, dev)
+        out["memory_at_open"] = bool(cmd & PCI_COMMAND_MEMORY)
+        out["load_on"] = touch(bar, 0x00)
+        write_command(kernel, dev, cmd & ~PCI_COMMAND_MEMORY)
+        out["memory_cleared"] = not config_command(kernel, dev) & PCI_COMMAND_MEMORY
+        out["load_off"] = touch(bar, 0x00)
+        out["pread_off"] = errno_of(lambda: region.read(0x00, 4))
+        out["pwrite_off"] = errno_of(lambda: region.write(0x04, b"\x00" * 4))
+        out["mapping_still_listed"] = len(region.mappings)
+        write_command(kernel, dev, cmd)
+        out["load_on_again"] = touch(bar, 0x00)
+        out["id_on_again"] = bar.read32(0x00)
+        out["pread_on_again"] = int.from_bytes(region.read(0x00, 4), "little")
+        bar.close()
+    return out
+
+
+def bar_reset_mapped(kernel: Kernel, probe: ResetProbe) -> Json:
+    """VFIO_DEVICE_RESET of edu with BAR0 mapped: the kernel zaps the mapping around the
+    reset, and the next load faults it back in (MEMORY is still set in the user's view)."""
+    out: Json = {}
+    with opened(kernel, EDU) as (_, _, (dev,)):
+        region = dev.region(PciRegion.BAR0)
+        bar = region.mmap()
+        out["id_before"] = bar.read32(0x00)
+        probe.start()
+        out["reset"] = errno_of(lambda: kernel.ioctl(dev.fd, Ioctl.DEVICE_RESET, 0))
+        out["resets"] = resets(probe, EDU)
+        out["memory_after"] = bool(config_command(kernel, dev) & PCI_COMMAND_MEMORY)
+        out["load_after"] = touch(bar, 0x00)
+        out["id_after"] = bar.read32(0x00)
+        bar.close()
+    return out
+
+
 def function_reset(kernel: Kernel, probe: ResetProbe) -> Json:
     """VFIO_DEVICE_RESET on devices with a function reset (NIC, edu: `bus`) and without (pair)."""
     out: Json = {}
@@ -463,6 +553,8 @@ SCENARIOS: dict[str, Scenario] = {
     "irq_info": irq_info,
     "config_space": config_space,
     "bar_mmio": bar_mmio,
+    "bar_memory_off": bar_memory_off,
+    "bar_reset_mapped": bar_reset_mapped,
     "function_reset": function_reset,
     "hot_reset_owned": hot_reset_owned,
     "hot_reset_not_owned": hot_reset_not_owned,
@@ -472,15 +564,115 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# --- scenarios only the simulator can show ------------------------------------------------------
+# They need a reset that hangs, which the guest cannot arrange: the Machine's fault injection
+# makes one, and the scenario watches what the kernel does around it.
+
+
+@contextmanager
+def hung_reset(machine: Any, target: str, call: Callable[[], object]) -> Iterator[list[int]]:
+    """``call`` on a thread of its own while resets of ``target`` hang; yields, once the
+    call's reset hangs, a list that gets its errno (0 for success) when the hang ends."""
+    release = machine.faults.hang_reset(target)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(errno_of(call)), daemon=True)
+    thread.start()
+    try:
+        if not machine.faults.wait_hung(target, timeout=60.0):
+            raise RuntimeError(f"the reset of {target} never started")
+        yield result
+    finally:
+        release.set()
+        thread.join()
+
+
+def task_state(kernel: Kernel, pid: int) -> tuple[str, int]:
+    """(state letter, flags) from /proc/PID/stat."""
+    fields = kernel.read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    return fields[0], int(fields[6])
+
+
+def hot_reset_memory_lock(kernel: Kernel, probe: ResetProbe, machine: Any) -> Json:
+    """VFIO_DEVICE_PCI_HOT_RESET while a reset of the NIC hangs on another thread.
+
+    VFIO_DEVICE_RESET holds the device's memory_lock (and its pci_dev_lock): the hot reset's
+    down_write_trylock fails, EBUSY.  A sysfs reset holds only the pci_dev_lock: the memory
+    locks are taken, and pci_reset_bus cannot lock the bus, EAGAIN.
+    """
+    out: Json = {}
+    with opened(kernel, NIC) as (_, _, (dev,)):
+        ioctl_reset = lambda: kernel.ioctl(dev.fd, Ioctl.DEVICE_RESET, 0)  # noqa: E731
+        with hung_reset(machine, NIC, ioctl_reset) as device_reset:
+            probe.start()
+            out["during_device_reset"] = errno_of(dev.hot_reset)
+            out["resets_during_device_reset"] = resets(probe, NIC)
+        out["device_reset"] = device_reset[0]
+        sysfs_reset = lambda: kernel.write_text(f"/sys/bus/pci/devices/{NIC}/reset", "1")  # noqa: E731
+        with hung_reset(machine, NIC, sysfs_reset) as sysfs:
+            probe.start()
+            out["during_sysfs_reset"] = errno_of(dev.hot_reset)
+            out["resets_during_sysfs_reset"] = resets(probe, NIC)
+        out["sysfs_reset"] = sysfs[0]
+        probe.start()
+        out["after"] = errno_of(dev.hot_reset)
+        out["resets_after"] = resets(probe, NIC)
+    return out
+
+
+def exit_during_hung_reset(kernel: Kernel, probe: ResetProbe, machine: Any) -> Json:
+    """A VMM killed while its VFIO_DEVICE_RESET hangs: the task sleeps uninterruptibly (D),
+    SIGKILL waits for the reset to return, and only then does its exit release its files."""
+    out: Json = {}
+    vmm = machine.spawn(name="vmm")
+    session = Session(vmm)
+    dev = session.open_device(NIC)
+    pidfd = kernel.pidfd_open(vmm.pid)
+    try:
+        ioctl_reset = lambda: vmm.ioctl(dev.fd, Ioctl.DEVICE_RESET, 0)  # noqa: E731
+        with hung_reset(machine, NIC, ioctl_reset):
+            out["state_in_reset"] = task_state(kernel, vmm.pid)[0]
+            kernel.pidfd_send_signal(pidfd, signal.SIGKILL)
+            out["exited_after_kill"] = bool(kernel.poll([(pidfd, POLLIN)], 0))
+            state, flags = task_state(kernel, vmm.pid)
+            out["state_after_kill"] = state
+            out["exiting_after_kill"] = bool(flags & PF_EXITING)
+            out["fds_after_kill"] = len(kernel.listdir(f"/proc/{vmm.pid}/fd"))
+            mark = len(machine.trace)
+        out["exited"] = bool(kernel.poll([(pidfd, POLLIN)], 60_000))
+        out["nic_open_after_exit"] = machine.device(NIC).open_count
+        # The hung reset is recorded when it returns; the exit's release comes after it.
+        out["resets_after_hang"] = [
+            e.cause for e in machine.trace[mark:] if e.kind == "reset" and e.device == NIC
+        ]
+    finally:
+        kernel.close(pidfd)
+    return out
+
+
+SIM_ONLY: dict[str, SimScenario] = {
+    "hot_reset_memory_lock": hot_reset_memory_lock,
+    "exit_during_hung_reset": exit_during_hung_reset,
+}
+
+
 # --- running and comparing --------------------------------------------------------------------
 
 
-def run_all(kernel: Kernel, probe: ResetProbe, names: Sequence[str] | None = None) -> Json:
-    """{scenario: observations}; a scenario that raised gives {"error": ...} instead."""
+def run_all(
+    kernel: Kernel, probe: ResetProbe, names: Sequence[str] | None = None, machine: Any = None
+) -> Json:
+    """{scenario: observations}; a scenario that raised gives {"error": ...} instead.
+
+    With a simulated ``machine``, the simulator-only scenarios (:data:`SIM_ONLY`) run too.
+    """
     out: Json = {}
-    for name in names or list(SCENARIOS):
+    default = list(SCENARIOS) + (list(SIM_ONLY) if machine is not None else [])
+    for name in names or default:
         try:
-            out[name] = SCENARIOS[name](kernel, probe)
+            if name in SIM_ONLY:
+                out[name] = SIM_ONLY[name](kernel, probe, machine)
+            else:
+                out[name] = SCENARIOS[name](kernel, probe)
         except Exception as exc:
             out[name] = {
                 "error": f"{type(exc).__name__}: {exc}",
@@ -568,7 +760,7 @@ def simulate(names: Sequence[str] | None = None) -> Json:
 
     machine = Machine(load_topology("qemu-vmtest"), time_scale=0.0)
     try:
-        return run_all(machine.spawn(name="conformance"), SimProbe(machine), names)
+        return run_all(machine.spawn(name="conformance"), SimProbe(machine), names, machine)
     finally:
         machine.close()
 

@@ -80,6 +80,40 @@ EXPECTED: dict[tuple[str, str], Any] = {
     ("release_pair", f"last_close.{PAIR0}"): BUS_ONLY,
     ("release_pair", f"last_close.{PAIR1}"): BUS_ONLY,
     ("dma_map", "overlap"): errno.EEXIST,
+    # BAR access with PCI_COMMAND_MEMORY off (abafbc551fdd, 5.8)
+    ("bar_memory_off", "memory_at_open"): True,
+    ("bar_memory_off", "load_on"): "ok",
+    ("bar_memory_off", "memory_cleared"): True,
+    ("bar_memory_off", "load_off"): "SIGBUS",
+    ("bar_memory_off", "pread_off"): errno.EIO,
+    ("bar_memory_off", "pwrite_off"): errno.EIO,
+    ("bar_memory_off", "mapping_still_listed"): 1,
+    ("bar_memory_off", "load_on_again"): "ok",
+    ("bar_memory_off", "id_on_again"): scenarios.EDU_ID,
+    ("bar_memory_off", "pread_on_again"): scenarios.EDU_ID,
+    ("bar_reset_mapped", "reset"): 0,
+    ("bar_reset_mapped", f"resets.{EDU}"): BUS_AS_FUNCTION,
+    ("bar_reset_mapped", "memory_after"): True,
+    ("bar_reset_mapped", "load_after"): "ok",
+    ("bar_reset_mapped", "id_after"): scenarios.EDU_ID,
+    # simulator only: memory_lock taken with down_write_trylock by the hot reset
+    ("hot_reset_memory_lock", "during_device_reset"): errno.EBUSY,
+    ("hot_reset_memory_lock", f"resets_during_device_reset.{NIC}"): NO_RESET,
+    ("hot_reset_memory_lock", "device_reset"): 0,
+    ("hot_reset_memory_lock", "during_sysfs_reset"): errno.EAGAIN,
+    ("hot_reset_memory_lock", f"resets_during_sysfs_reset.{NIC}"): NO_RESET,
+    ("hot_reset_memory_lock", "sysfs_reset"): 0,
+    ("hot_reset_memory_lock", "after"): 0,
+    ("hot_reset_memory_lock", f"resets_after.{NIC}"): BUS_ONLY,
+    # simulator only: a hung reset is a D-state wait that SIGKILL does not end
+    ("exit_during_hung_reset", "state_in_reset"): "D",
+    ("exit_during_hung_reset", "exited_after_kill"): False,
+    ("exit_during_hung_reset", "state_after_kill"): "D",
+    ("exit_during_hung_reset", "exiting_after_kill"): False,
+    ("exit_during_hung_reset", "fds_after_kill"): 3,  # container, group, device
+    ("exit_during_hung_reset", "exited"): True,
+    ("exit_during_hung_reset", "nic_open_after_exit"): 0,
+    ("exit_during_hung_reset", "resets_after_hang"): ["ioctl", "release"],
 }
 
 
@@ -88,7 +122,7 @@ def results() -> dict[str, Any]:
     return dict(scenarios.simulate())
 
 
-@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+@pytest.mark.parametrize("name", [*scenarios.SCENARIOS, *scenarios.SIM_ONLY])
 def test_scenario_runs(name: str, results: dict[str, Any]) -> None:
     assert "error" not in results[name], results[name].get("traceback")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import signal
+import threading
+from functools import partial
 from typing import Any
 
 import anyio
@@ -16,7 +18,8 @@ import pytest
 from mock_vfio import spawn_qemu, unplug_qemu
 from release_helpers import MachineFactory, concurrent, slow_resets, vfio_devices, wait_until
 
-from vfiopy.release import release_process, take_over
+from vfiopy._uapi import Ioctl
+from vfiopy.release import Status, release_process, take_over
 from vfiopy.release._takeover import guard, planned_report
 
 NICS = [f"0000:0{n}:00.0" for n in range(1, 7)]
@@ -253,3 +256,38 @@ def test_guardian_stopped_gives_everything_back(machine: MachineFactory) -> None
     assert not report.devices and report.notes
     assert vmm.alive and not vmm.signals and len(cli.fd_table()) == 0
     assert not m.unique_resets(cause="devset")
+
+
+def test_vmm_in_d_state_is_never_taken_for_exited(machine: MachineFactory) -> None:
+    """A VMM whose VFIO_DEVICE_RESET hangs sleeps uninterruptibly (state D): SIGKILL does not
+    end it and its files stay open, so nothing may be released under it.  Our references go
+    back with that reason, and its own exit releases the devices once the reset returns."""
+    m = machine("qemu-vmtest", kernel_version=(6, 1))
+    addrs = NICS[:2]  # alone on their buses: a bus reset is their function reset
+    vmm = spawn_qemu(m, addrs)
+    stuck = addrs[0]
+    (fd,) = [
+        fd
+        for fd, f in vmm.fd_table().items()
+        if type(f).__name__ == "DeviceFile" and f.device().addr == stuck
+    ]
+    hang = m.faults.hang_reset(stuck)
+    reset = threading.Thread(target=lambda: vmm.ioctl(fd, Ioctl.DEVICE_RESET, 0), daemon=True)
+    reset.start()
+    try:
+        assert m.faults.wait_hung(stuck, timeout=30)
+        t = take_over(m.spawn(name="cli"), vmm.getpid())
+        report = anyio.run(partial(release_process, t, grace=0.05, kill_wait=0.2))
+        assert vmm.signals == [signal.SIGTERM, signal.SIGKILL] and vmm.alive
+        assert sorted(r.address for r in report.devices) == addrs  # type: ignore[type-var]
+        assert {r.status for r in report.devices} == {Status.SKIPPED}
+        assert all("state D" in (r.error or "") for r in report.devices)
+        assert all(m.device(a).open_count == 1 for a in addrs)  # nothing released under it
+    finally:
+        hang.set()
+        reset.join()
+    assert vmm.wait(30)
+    assert wait_until(lambda: m.open_fds() == 0)
+    assert all(m.device(a).open_count == 0 for a in addrs), [
+        (m.device(a).open_count, m.device(a).driver) for a in addrs
+    ]

@@ -47,6 +47,9 @@ class File:
     def mmap(self, proc: SimProcess, length: int, offset: int, prot: int, flags: int) -> int:
         raise oserror(errno.ENODEV, "mmap")
 
+    def unmap(self, addr: int, length: int) -> None:
+        """A mapping of this file goes (munmap, or the process's exit)."""
+
     def poll_events(self) -> int:
         return 0
 

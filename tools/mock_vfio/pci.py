@@ -21,6 +21,7 @@ from mock_vfio.config import (
 from mock_vfio.pci_reset import default_reset_methods, function_reset
 from mock_vfio.topology import Bar, BridgeSpec, FunctionSpec, split_addr
 from mock_vfio.uapi import PAGE
+from mock_vfio.vfio_pci_mmap import BarMaps, RwSem, fault_in_bars, zap_bars
 
 if TYPE_CHECKING:
     from mock_vfio.devices import DeviceModel
@@ -68,6 +69,8 @@ class Device:
         self._bar_ptr: dict[int, Any] = {}
         self.host_bars: dict[int, int] = {}
         self.reset_lock = threading.Lock()  # pci_dev_lock, taken with trylock by resets
+        self.memory_lock = RwSem()  # vfio_pci_core_device.memory_lock
+        self.maps = BarMaps()  # the user's BAR mappings (the device file's address space)
         self.irq_type: int | None = None  # VFIO_PCI_*_IRQ_INDEX in use, None when disabled
         self.irq_fds: dict[tuple[int, int], int] = {}  # (index, vector) -> our dup of the eventfd
         self.intx_masked = False
@@ -142,6 +145,7 @@ class Device:
         return ctypes.addressof(self._bar_ptr[index])
 
     def free_memory(self) -> None:
+        self.maps.clear()
         with self.lock:
             self._bar_ptr.clear()
             for mem in self._bar_mem.values():
@@ -167,7 +171,9 @@ class Device:
 
     def _config_flr(self) -> None:
         if self.spec.flr:
-            function_reset(self.machine, self, "config", method="flr")
+            with self.memory_lock.write():  # vfio_exp_config_write, as VFIO_DEVICE_RESET
+                zap_bars(self, "reset")
+                function_reset(self.machine, self, "config", method="flr")
 
     # --- interrupts --------------------------------------------------------------
 
@@ -236,8 +242,10 @@ class Device:
             with contextlib.suppress(OSError):
                 os.eventfd_write(fd, 1)
             os.close(fd)
-        self.low_power = False
-        self.config.set_power_state(0)
+        with self.memory_lock.write():
+            self.low_power = False
+            self.config.set_power_state(0)
+            fault_in_bars(self)
 
     def msi_enabled_in_config(self) -> bool:
         pos = self.config.caps.get(CAP_MSI)

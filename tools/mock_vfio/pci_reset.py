@@ -13,6 +13,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from mock_vfio.config import PCI_COMMAND_MEMORY
+from mock_vfio.sched import uninterruptible
 from mock_vfio.topology import split_addr
 from mock_vfio.trace import Event, now, oserror, thread_name
 
@@ -100,7 +101,8 @@ def do_reset(
             d.set_command(d.config.command() & ~PCI_COMMAND_MEMORY, "reset")
     machine.sleep(cost + extra)
     if hang is not None:
-        hang.wait()
+        # the caller sleeps uninterruptibly until the device is back
+        uninterruptible(lambda: machine.faults.hung(targets, hang))
     for d, cmd in saved:
         if d.model is not None:
             d.model.reset()

@@ -13,7 +13,6 @@ import errno
 import heapq
 import os
 import select
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from mock_vfio.iommufd import IommufdFile
 from mock_vfio.machine import Machine
 from mock_vfio.pci import Device
 from mock_vfio.pci_sysfs import SysfsConfigFile
+from mock_vfio.sched import TaskSched, running
 from mock_vfio.trace import oserror
 from mock_vfio.vfio_container import ContainerFile
 from mock_vfio.vfio_group import GroupFile
@@ -36,8 +36,9 @@ _HOST = LinuxKernel()
 SIM_FD_BASE = 1_000_000
 
 
-def _put(machine: Machine, f: File, pid: int) -> None:
-    machine.put_file(f, pid)
+def _put(proc: SimProcess, f: File) -> None:
+    with running(proc.sched):  # a release that resets runs in this task
+        proc.machine.put_file(f, proc.pid)
 
 
 def _get(machine: Machine, f: File) -> None:
@@ -64,6 +65,7 @@ class SimProcess:
         self._host_maps: set[tuple[int, int]] = set()
         self._lock = threading.RLock()
         self._exited = threading.Event()
+        self.sched = TaskSched()
 
     def __repr__(self) -> str:
         return f"<SimProcess {self.pid} {self.name}{'' if self.alive else ' (exited)'}>"
@@ -123,7 +125,7 @@ class SimProcess:
             return self.install(f)
         except OSError:
             _get(self.machine, f)
-            _put(self.machine, f, self.pid)
+            _put(self, f)
             raise
 
     def open_group(self, gid: int) -> GroupFile:
@@ -170,7 +172,7 @@ class SimProcess:
             # close(2) frees the fd even when it reports an error
             self.machine.faults.check(("close",), _addr(f))
         finally:
-            _put(self.machine, f, self.pid)
+            _put(self, f)
 
     def dup(self, fd: int) -> int:
         if not self.is_sim_fd(fd):
@@ -184,7 +186,8 @@ class SimProcess:
         names = ("ioctl", *f.ioctl_names(request))
         self._check(names, f.device())
         self.machine.counters.add("ioctls")
-        return f.ioctl(self, request, arg)
+        with running(self.sched):
+            return f.ioctl(self, request, arg)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         if not self.is_sim_fd(fd):
@@ -250,7 +253,8 @@ class SimProcess:
                     break
         if hit is None:
             return  # like munmap(2): unmapping nothing is not an error
-        _put(self.machine, hit[2], self.pid)
+        hit[2].unmap(addr, length)
+        _put(self, hit[2])
 
     def unmap_file(self, which: Callable[[File], bool]) -> None:
         """munmap every mapping of the files ``which`` selects (a VMM dropping a device)."""
@@ -327,10 +331,7 @@ class SimProcess:
         if not target.alive:
             raise oserror(errno.ESRCH, f"pid {target.pid} has exited")
         target.signals.append(sig)
-        if sig == signal.SIGKILL:
-            target.exit()
-        elif sig == signal.SIGTERM:
-            threading.Thread(target=target.exit, name=f"exit-{target.pid}", daemon=True).start()
+        target.sched.deliver(sig, target.exit, f"exit-{target.pid}")
 
     def kcmp_file(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
         self._check(("kcmp",), None)
@@ -362,7 +363,11 @@ class SimProcess:
         return (0, fd)
 
     def exit(self) -> None:
-        """Release every remaining file one after another on this thread (task_work)."""
+        """Release every remaining file one after another on this thread (task_work), once
+        no thread of the process waits uninterruptibly; a second exit waits for the first."""
+        if not self.sched.begin_exit():
+            self._exited.wait()
+            return
         with self._lock:
             self.exiting = True
             fds = sorted(self._fds.items())
@@ -370,10 +375,11 @@ class SimProcess:
             maps = list(self._maps)
             self._maps.clear()
         # exit_mm drops the mappings, then exit_files puts each fd in order
-        for _, _, f in maps:
-            _put(self.machine, f, self.pid)
+        for addr, length, f in maps:
+            f.unmap(addr, length)
+            _put(self, f)
         for _, f in fds:
-            _put(self.machine, f, self.pid)
+            _put(self, f)
         self.alive = False
         self._exited.set()
 
@@ -388,7 +394,8 @@ class SimProcess:
 
     def write_text(self, path: str, data: str) -> None:
         self.machine.faults.check(("write_text",), self._dev_of_path(path))
-        vfs.write_text(self, path, data)
+        with running(self.sched):  # a sysfs reset runs in this task
+            vfs.write_text(self, path, data)
 
     def listdir(self, path: str) -> list[str]:
         self.machine.faults.check(("listdir",), self._dev_of_path(path))

@@ -1,5 +1,6 @@
 """``/proc`` as a simulated process sees it: ``/proc/<pid>/fd`` and ``fdinfo`` read like the
-kernel's (fs/proc/fd.c), ``comm``, ``status`` and ``/proc/sys/kernel/osrelease``."""
+kernel's (fs/proc/fd.c), ``comm``, ``stat`` (state and flags, fs/proc/array.c), ``status``
+and ``/proc/sys/kernel/osrelease``."""
 
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ def lookup(proc: SimProcess, p: list[str]) -> Node | None:
     if not target.alive:
         return None
     if n == 1:
-        return Dir(["comm", "fd", "fdinfo", "status"])
+        return Dir(["comm", "fd", "fdinfo", "stat", "status"])
     if n == 2 and p[1] == "comm":
         return Attr(lambda: target.name + "\n")
+    if n == 2 and p[1] == "stat":
+        return Attr(lambda: _stat(target))
     if n == 2 and p[1] == "status":
         return Attr(lambda: f"Name:\t{target.name}\nPid:\t{target.pid}\n")
     table = target.fd_table()
@@ -55,3 +58,14 @@ def lookup(proc: SimProcess, p: list[str]) -> Node | None:
                 return Link(f.link())
             return Attr(lambda: f"pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1\n{f.fdinfo()}")
     return None
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: set before exit_files
+
+
+def _stat(task: SimProcess) -> str:
+    """/proc/PID/stat (fs/proc/array.c): pid, (comm), state, ppid, pgrp, session, tty_nr,
+    tpgid, flags, then zeros for the 43 fields the simulator does not keep."""
+    flags = PF_EXITING if task.exiting else 0
+    head = f"{task.pid} ({task.name}) {task.sched.state} 1 {task.pid} {task.pid} 0 -1 {flags}"
+    return head + " 0" * 43 + "\n"

@@ -107,6 +107,8 @@ class Faults:
         self._lock = threading.Lock()
         self._slow: dict[str, float] = {}
         self._hang: dict[str, threading.Event] = {}
+        self._hung = threading.Condition(self._lock)
+        self._hung_now: dict[str, int] = {}  # target -> resets waiting on its hang now
 
     def fail(self, name: str, errno: int, device: str | None = None, count: int | None = 1) -> None:
         with self._lock:
@@ -152,6 +154,24 @@ class Faults:
             extra = sum(self._slow.get(t, 0.0) for t in targets)
             hang = next((self._hang[t] for t in targets if t in self._hang), None)
         return extra, hang
+
+    def hung(self, targets: tuple[str, ...], hang: threading.Event) -> None:
+        """Wait on ``hang`` for a reset of ``targets``, seen by :meth:`wait_hung` meanwhile."""
+        with self._hung:
+            for t in targets:
+                self._hung_now[t] = self._hung_now.get(t, 0) + 1
+            self._hung.notify_all()
+        try:
+            hang.wait()
+        finally:
+            with self._hung:
+                for t in targets:
+                    self._hung_now[t] -= 1
+
+    def wait_hung(self, target: str, timeout: float) -> bool:
+        """Whether a reset of ``target`` is waiting on its hang (waits up to ``timeout``)."""
+        with self._hung:
+            return self._hung.wait_for(lambda: self._hung_now.get(target, 0) > 0, timeout)
 
 
 def oserror(err: int, what: str = "") -> OSError:

@@ -18,6 +18,9 @@ DEFAULT_KERNEL_VERSION: KernelVersion = (6, 1)
 IOEVENTFD = (4, 17)
 # The VFIO_DEVICE_FEATURE ioctl itself: before it, ENOTTY.
 DEVICE_FEATURE = (5, 7)
+# vfio-pci's memory_lock: BAR mappings zapped and BAR access refused (SIGBUS, EIO) while the
+# user's PCI_COMMAND_MEMORY is clear (abafbc551fdd).
+MMIO_BLOCKING = (5, 8)
 # vfio-pci's per-device-set locking replaced the global driver_lock.
 DEVSET_LOCKING = (5, 0)
 # The reset path stopped taking every device set's lock at once.

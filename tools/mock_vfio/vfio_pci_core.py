@@ -35,6 +35,7 @@ from mock_vfio.uapi import (
 from mock_vfio.version import DEVICE_FEATURE, IOEVENTFD, LOW_POWER
 from mock_vfio.vfio_pci_hot_reset import VfioPciHotReset
 from mock_vfio.vfio_pci_intrs import VfioPciIntrs
+from mock_vfio.vfio_pci_mmap import zap_bars
 from mock_vfio.vfio_pci_rdwr import VfioPciRdwr
 from vfiopy._uapi import (
     FEATURE_MASK,
@@ -181,8 +182,10 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
         dev = self.dev
         if not dev.reset_works:
             raise oserror(errno.EINVAL, f"{dev.addr} has no function reset")
-        if not function_reset(self.machine, dev, "ioctl"):
-            raise oserror(errno.ENOTTY, "reset")
+        with dev.memory_lock.write():  # vfio_pci_zap_and_down_write_memory_lock
+            zap_bars(dev, "reset")
+            if not function_reset(self.machine, dev, "ioctl"):
+                raise oserror(errno.ENOTTY, "reset")
         return 0
 
     def _feature(self, proc: SimProcess, arg: Any) -> int:
@@ -248,8 +251,10 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
                     os.close(wake)
                 raise oserror(errno.EINVAL, "low power entry twice")
             dev.pm_wake_fd = wake
-        dev.low_power = True
-        dev.config.set_power_state(3)
+        with dev.memory_lock.write():  # vfio_pci_runtime_pm_entry zaps: no access in D3
+            zap_bars(dev, "low_power")
+            dev.low_power = True
+            dev.config.set_power_state(3)
         return 0
 
     @staticmethod
@@ -345,4 +350,7 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
             o <= pos and pos + length <= o + s for o, s in self._sparse_areas(size)
         ):
             raise oserror(errno.EINVAL, "mmap over the MSI-X table")
-        return dev.bar_address(index) + pos
+        return dev.maps.map(index, dev.bar_address(index), pos, length)
+
+    def unmap(self, addr: int, length: int) -> None:
+        self.dev.maps.unmap(addr, length)

@@ -10,7 +10,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from mock_vfio.pci_reset import bus_devices, can_bus_reset
-from mock_vfio.trace import oserror
+from mock_vfio.trace import Event, now, oserror, thread_name
 from mock_vfio.uapi import (
     addr_of,
     as_struct,
@@ -21,6 +21,7 @@ from mock_vfio.uapi import (
 from mock_vfio.vfio_device import VfioDeviceFile
 from mock_vfio.vfio_group import GroupFile
 from mock_vfio.vfio_pci_devset import bus_reset, devset_resettable, locked
+from mock_vfio.vfio_pci_mmap import zap_bars
 from vfiopy._uapi import (
     VFIO_PCI_DEVID_NOT_OWNED,
     VFIO_PCI_DEVID_OWNED,
@@ -125,22 +126,34 @@ class VfioPciHotReset(VfioDeviceFile):
                 owned = (self._devid_for(d) is not None) if not count else d.group_id in groups
                 if not owned:
                     raise oserror(errno.EINVAL, f"{d.addr} is not owned by the caller")
-            busy = [d for d in ds.devices if not d.reset_lock.acquire(blocking=False)]
-            if busy:
-                for d in ds.devices:
-                    if d not in busy:
-                        d.reset_lock.release()
-                raise oserror(errno.EBUSY, "a device of the set is being reset")
+            # Each device's memory_lock with down_write_trylock, then its zap (before 6.10 a
+            # vma_lock trylock came first; whatever holds it holds memory_lock here).
+            locked_mem: list[Device] = []
             try:
-                from mock_vfio.trace import Event, now, thread_name
-
-                h0 = now()
-                bus_reset(self.machine, ds, "hot_reset")
-                self.machine.record(
-                    Event("hot_reset", h0, now(), thread_name(), dev.addr, ds.name, pid=proc.pid)
-                )
-                self.machine.counters.add("hot_resets")
-            finally:
                 for d in ds.devices:
-                    d.reset_lock.release()
+                    if not d.memory_lock.down_write_trylock():
+                        raise oserror(errno.EBUSY, f"{d.addr}: its memory_lock is held")
+                    locked_mem.append(d)
+                    zap_bars(d, "reset")
+                self._reset_bus(proc, ds)
+            finally:
+                for d in reversed(locked_mem):
+                    d.memory_lock.up_write()
         return 0
+
+    def _reset_bus(self, proc: SimProcess, ds: Any) -> None:
+        """``pci_reset_bus``: EAGAIN when a device below the bridge is locked elsewhere."""
+        devs = bus_devices(self.machine, self.dev)
+        held = [d for d in devs if d.reset_lock.acquire(blocking=False)]
+        try:
+            if len(held) < len(devs):
+                raise oserror(errno.EAGAIN, "pci_bus_trylock: a device is being reset")
+            h0 = now()
+            bus_reset(self.machine, ds, "hot_reset")
+            self.machine.record(
+                Event("hot_reset", h0, now(), thread_name(), self.dev.addr, ds.name, pid=proc.pid)
+            )
+            self.machine.counters.add("hot_resets")
+        finally:
+            for d in held:
+                d.reset_lock.release()

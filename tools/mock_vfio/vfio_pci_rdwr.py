@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from mock_vfio.config import PCI_COMMAND, PCI_COMMAND_MEMORY
 from mock_vfio.trace import oserror
 from mock_vfio.uapi import (
     CONFIG_INDEX,
@@ -14,7 +15,9 @@ from mock_vfio.uapi import (
     ROM_INDEX,
     VGA_INDEX,
 )
+from mock_vfio.version import MMIO_BLOCKING
 from mock_vfio.vfio_device import VfioDeviceFile
+from mock_vfio.vfio_pci_mmap import fault_in_bars, user_memory_enabled, zap_bars
 
 if TYPE_CHECKING:
     from mock_vfio.process import SimProcess
@@ -39,12 +42,15 @@ class VfioPciRdwr(VfioDeviceFile):
                 if pos + i < 2:
                     rom[i] = sig[pos + i]
             return bytes(rom)
-        mem, n = self._bar_range(index, pos, size)
-        if dev.model is not None:
-            hooked = dev.model.mmio_read(index, pos, n)
-            if hooked is not None:
-                return hooked
-        data = bytearray(mem[pos : pos + n])
+        with dev.memory_lock.read():
+            mem, n = self._bar_range(index, pos, size)
+            if mem is None:
+                return b"\xff" * n  # decoding off: nothing answers, the read is all ones
+            if dev.model is not None:
+                hooked = dev.model.mmio_read(index, pos, n)
+                if hooked is not None:
+                    return hooked
+            data = bytearray(mem[pos : pos + n])
         self._mask_msix(index, pos, data, None)
         return bytes(data)
 
@@ -55,20 +61,43 @@ class VfioPciRdwr(VfioDeviceFile):
             if pos >= dev.spec.cfg_size:
                 raise oserror(errno.EINVAL, "config offset")
             n = min(len(data), dev.spec.cfg_size - pos)
-            dev.config.user_write(pos, data[:n])
+            self._config_write(pos, data[:n])
             return n
         if index == ROM_INDEX:
             raise oserror(errno.EINVAL, "ROM is read-only")
-        mem, n = self._bar_range(index, pos, len(data))
-        chunk = bytearray(data[:n])
-        if self._mask_msix(index, pos, chunk, mem):
-            return n
-        if dev.model is not None and dev.model.mmio_write(index, pos, bytes(chunk)):
-            return n
-        mem[pos : pos + n] = bytes(chunk)
+        with dev.memory_lock.read():
+            mem, n = self._bar_range(index, pos, len(data))
+            if mem is None:
+                return n  # decoding off: the write goes nowhere
+            chunk = bytearray(data[:n])
+            if self._mask_msix(index, pos, chunk, mem):
+                return n
+            if dev.model is not None and dev.model.mmio_write(index, pos, bytes(chunk)):
+                return n
+            mem[pos : pos + n] = bytes(chunk)
         return n
 
+    def _config_write(self, pos: int, data: bytes) -> None:
+        """Config space in the kernel's pieces: the command register under memory_lock held
+        for writing, zapping first when MEMORY ends up clear (vfio_basic_config_write)."""
+        dev, end = self.dev, pos + len(data)
+        if not pos <= PCI_COMMAND < end:
+            dev.config.user_write(pos, data)
+            return
+        head, tail = PCI_COMMAND - pos, min(PCI_COMMAND + 2, end) - pos
+        if head:
+            dev.config.user_write(pos, data[:head])
+        with dev.memory_lock.write():
+            if not data[head] & PCI_COMMAND_MEMORY:
+                zap_bars(dev, "memory")
+            dev.config.user_write(PCI_COMMAND, data[head:tail])
+            fault_in_bars(dev)
+        if tail < len(data):
+            dev.config.user_write(pos + tail, data[tail:])
+
     def _bar_range(self, index: int, pos: int, size: int) -> tuple[Any, int]:
+        """The BAR's memory and the length to access; no memory while decoding is off before
+        5.8 (the access reaches a device that does not answer)."""
         dev = self.dev
         if index == VGA_INDEX and dev.spec.vga:
             raise oserror(errno.EINVAL, "VGA access is not modelled")
@@ -77,12 +106,15 @@ class VfioPciRdwr(VfioDeviceFile):
             raise oserror(errno.EINVAL, f"region {index}")
         if pos >= bar.size:
             raise oserror(errno.EINVAL, "offset past the BAR")
+        n = min(size, bar.size - pos)
         if dev.low_power:
             raise oserror(errno.EIO, "device is in low power")
-        if not bar.is_io and not dev.memory_enabled():
-            # __vfio_pci_memory_enabled(): BAR access with decoding off faults
+        if not bar.is_io and not user_memory_enabled(dev):
+            if self.machine.kernel_version < MMIO_BLOCKING:
+                return None, n
+            # __vfio_pci_memory_enabled(): BAR access with decoding off fails
             raise oserror(errno.EIO, "PCI_COMMAND_MEMORY is clear")
-        return dev.bar_memory(index), min(size, bar.size - pos)
+        return dev.bar_memory(index), n
 
     def _mask_msix(self, index: int, pos: int, data: bytearray, mem: Any) -> bool:
         """vfio_pci_bar_rw skips the MSI-X table: reads fill 0xff, writes drop."""

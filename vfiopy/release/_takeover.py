@@ -263,10 +263,9 @@ async def release_process(
                 report.interrupted = True
                 return report
         if not exited:
-            log.error("release.process_alive", pid=t.pid, errno=errno.ETIMEDOUT)
-            return given_back(
-                t, f"pid {t.pid} did not exit (even after SIGKILL); its exit will release it"
-            )
+            why = await anyio.to_thread.run_sync(_not_exited, kernel, t.pid)
+            log.error("release.process_alive", pid=t.pid, errno=errno.ETIMEDOUT, reason=why)
+            return given_back(t, why)
         log.info("release.process_exited", pid=t.pid)
         phase("release")
         return await release_files(t, max_parallel, timeout, progress)
@@ -423,16 +422,35 @@ def _close_file(kernel: Kernel, fn: Callable[[], None], r: FileResult) -> None:
 # --- the guardian ---------------------------------------------------------------------------
 
 
+def task_state(kernel: Kernel, pid: int) -> tuple[str, int] | None:
+    """The state letter and flags of /proc/PID/stat, None when it cannot be read (gone)."""
+    try:
+        fields = kernel.read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return fields[0], int(fields[6])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _exiting(kernel: Kernel, pid: int, pidfd: int) -> bool:
     """Whether the process is exiting: its fds are being closed, not let go one by one."""
-    try:
-        stat = kernel.read_text(f"/proc/{pid}/stat")
-        flags = int(stat.rsplit(")", 1)[1].split()[6])
-        if flags & PF_EXITING:
-            return True
-    except (OSError, ValueError, IndexError):
-        pass  # no stat (gone, or a simulated process): the pidfd still tells
-    return _exited(kernel, pidfd, 0)
+    state = task_state(kernel, pid)
+    if state is not None and state[1] & PF_EXITING:
+        return True
+    return _exited(kernel, pidfd, 0)  # no stat (gone): the pidfd tells
+
+
+def _not_exited(kernel: Kernel, pid: int) -> str:
+    """Why a process outlived SIGKILL, from its state: an uninterruptible wait (D) in the
+    kernel, such as a device reset that has not returned, ends only when that wait does."""
+    state = task_state(kernel, pid)
+    why = f"pid {pid} did not exit (even after SIGKILL)"
+    if state is not None and state[0] == "D":
+        doing = "exiting, " if state[1] & PF_EXITING else ""
+        why += (
+            f": it is {doing}in an uninterruptible wait in the kernel (state D), such as a "
+            "device reset that has not returned; it exits when that wait ends"
+        )
+    return why + "; its exit will release its devices"
 
 
 def follow(t: Takeover) -> tuple[list[VfioFile], list[VfioFile]]:
