@@ -180,6 +180,19 @@ def _parser() -> Parser:
         "`python -m vfiopy.bench --help` against `python -c pass`, as whole processes in "
         "turn, ROUNDS rounds (default 20); target: 60 ms over the bare interpreter",
     )
+    p.add_argument(
+        "--dma",
+        nargs="?",
+        type=_positive,
+        const=3,
+        metavar="ROUNDS",
+        help="instead of a sweep, time mapping and unmapping 1 GiB for DMA in 4 KiB and in "
+        "2 MiB pages on iommufd, ROUNDS rounds (default 3); on the simulator this is "
+        "vfiopy's and the simulator's cost only",
+    )
+    p.add_argument(
+        "--dma-bytes", type=_positive, default=1 << 30, metavar="N", help=argparse.SUPPRESS
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every device event")
     return p
 
@@ -261,6 +274,39 @@ def _startup(
     return 0
 
 
+def _dma(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO | None, sink: _JsonOut
+) -> int:
+    """``--dma``: map and unmap 1 GiB in 4 KiB and 2 MiB pages, instead of a sweep."""
+    from vfiopy.bench._dma import measure
+
+    try:
+        make, topology = _factory(args)
+        system = make(1, args.kernel_model[0], args.reset_model[0], args.time_scale)
+    except (UsageError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sink.error(str(exc))
+        return 2
+    try:
+        address = system.groups[0].devices[0]
+        backend = f"real device {address}" if args.real else f"simulator {topology}"
+        bench = measure(system.kernel, address, args.dma, backend, args.dma_bytes)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sink.error(str(exc))
+        return 2
+    except (OSError, RuntimeError) as exc:
+        print(f"{parser.prog}: dma benchmark failed: {exc}", file=sys.stderr)
+        sink.error(f"dma benchmark failed: {exc}")
+        return 1
+    finally:
+        system.discard()
+    table_out = out if out is not None else (sys.stderr if args.json == "-" else sys.stdout)
+    print("\n".join(bench.lines()), file=table_out)
+    sink.write(bench.to_json())
+    return 0
+
+
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """The bench; its exit status. With ``--json``, whatever the exit, one document."""
     parser = _parser()
@@ -302,6 +348,8 @@ def _run(parser: Parser, argv: Sequence[str] | None, out: TextIO | None, sink: _
     configure_cli_logging(logging.INFO if args.verbose else logging.WARNING)
     if args.startup is not None:
         return _startup(args, parser, out, sink)
+    if args.dma is not None:
+        return _dma(args, parser, out, sink)
     try:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:
