@@ -571,34 +571,12 @@ async def drive(
 
 def resolve(sysfs: Sysfs, text: str | None) -> PciAddress:
     """The edu to drive: ``text``, checked, or the first edu bound to vfio-pci."""
-    if text is not None:
-        try:
-            addr = PciAddress.parse(text)
-        except AddressError as exc:
-            raise UsageError(str(exc)) from None
-        if not sysfs.exists(addr):
-            raise UsageError(f"no PCI device at {addr} (see lspci -D)")
-        ids = sysfs.ids(addr)
-        if (ids.vendor, ids.device) != (EDU_VENDOR, EDU_DEVICE):
-            raise UsageError(
-                f"{addr} is {ids.vendor:04x}:{ids.device:04x}, not QEMU's edu "
-                f"({EDU_VENDOR:04x}:{EDU_DEVICE:04x})"
-            )
-        return addr
-    found = [a for a in sysfs.devices() if tuple(sysfs.ids(a)) == (EDU_VENDOR, EDU_DEVICE)]
-    for a in found:
-        if sysfs.driver(a) == "vfio-pci":
-            return a
-    if found:
-        bound = ", ".join(f"{a} ({sysfs.driver(a) or 'no driver'})" for a in found)
-        raise EduError(
-            f"no edu bound to vfio-pci; found {bound}: bind one with "
-            f"`driverctl set-override {found[0]} vfio-pci`"
+    try:
+        return sysfs.find_device(
+            EDU_VENDOR, EDU_DEVICE, text, name="QEMU's edu", hint="start QEMU with `-device edu`"
         )
-    raise EduError(
-        f"no QEMU edu device ({EDU_VENDOR:04x}:{EDU_DEVICE:04x}) found; start QEMU with "
-        "`-device edu`, or give its address"
-    )
+    except AddressError as exc:  # the address names no edu: a usage error
+        raise UsageError(str(exc)) from None
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -185,6 +185,54 @@ class Sysfs:
     def ids(self, addr: PciAddress | str) -> PciIds:
         return PciIds(self.vendor(addr), self.device(addr))
 
+    def find_device(
+        self,
+        vendor: int,
+        device: int,
+        address: str | None = None,
+        *,
+        name: str,
+        hint: str = "give its address",
+    ) -> PciAddress:
+        """The device a driver for ``vendor:device`` (called ``name``) should take.
+
+        ``address``, checked to name such a device (else :class:`AddressError`); without
+        it, the first such device bound to vfio-pci.  None bound: a :class:`SysfsError`
+        (ENODEV) listing those found and how to bind one; none at all: one ending in ``hint``.
+        """
+        want = f"{vendor:04x}:{device:04x} ({name})"
+        step = "find device"
+        if address is not None:
+            addr = PciAddress.parse(address)
+            if not self.exists(addr):
+                raise AddressError(
+                    errno.ENODEV, str(addr), step, "no PCI device at this address", "see lspci -D"
+                )
+            ids = self.ids(addr)
+            if ids != (vendor, device):
+                raise AddressError(
+                    errno.ENODEV,
+                    str(addr),
+                    step,
+                    f"it is {ids.vendor:04x}:{ids.device:04x}, not {want}",
+                    "give the address of one",
+                )
+            return addr
+        found = [a for a in self.devices() if self.ids(a) == (vendor, device)]
+        for a in found:
+            if self.driver(a) == VFIO_DRIVER:
+                return a
+        if found:
+            bound = ", ".join(f"{a} ({self.driver(a) or 'no driver'})" for a in found)
+            raise SysfsError(
+                errno.ENODEV,
+                None,
+                step,
+                f"no {want} is bound to {VFIO_DRIVER}; found {bound}",
+                f"bind one with `driverctl set-override {found[0]} {VFIO_DRIVER}`",
+            )
+        raise SysfsError(errno.ENODEV, None, step, f"no {want} found", hint)
+
     # --- IOMMU groups and drivers -------------------------------------------
     def iommu_group(self, addr: PciAddress | str) -> int:
         """The IOMMU group number (the name of the iommu_group link's target)."""

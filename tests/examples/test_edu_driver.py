@@ -170,8 +170,14 @@ def test_vfiopy_simulate_environment(
 @pytest.mark.parametrize(
     ("address", "message"),
     [
-        (NIC, f"{NIC} is 8086:10d3, not QEMU's edu (1234:11e8)"),
-        ("0000:09:00.0", "no PCI device at 0000:09:00.0"),
+        (
+            NIC,
+            f"{NIC}: find device failed: ENODEV (No such device); it is 8086:10d3, not 1234:11e8",
+        ),
+        (
+            "0000:09:00.0",
+            "0000:09:00.0: find device failed: ENODEV (No such device); no PCI device",
+        ),
         ("not-an-address", "'not-an-address' is not a PCI address"),
     ],
 )
@@ -207,14 +213,16 @@ def test_edu_not_bound_to_vfio(machine: Any, capsys: pytest.CaptureFixture[str])
     # Without an address there is nothing to pick, and it says what it found.
     code, doc, _ = run_json(machine, capsys)
     assert code == 1
-    assert f"no edu bound to vfio-pci; found {EDU} (no driver)" in doc["error"]
+    assert (
+        f"no 1234:11e8 (QEMU's edu) is bound to vfio-pci; found {EDU} (no driver)" in doc["error"]
+    )
 
 
 def test_no_edu_at_all(capsys: pytest.CaptureFixture[str]) -> None:
     with mock_vfio.Machine(mock_vfio.load_topology("gpus:1"), time_scale=TIME_SCALE) as m:
         code, doc, _ = run_json(m, capsys)
     assert code == 1
-    assert "no QEMU edu device (1234:11e8) found" in doc["error"]
+    assert "no 1234:11e8 (QEMU's edu) found - start QEMU with `-device edu`" in doc["error"]
 
 
 def test_a_stuck_device_times_out_naming_register_and_device(

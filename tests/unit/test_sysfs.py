@@ -99,6 +99,37 @@ def test_group_and_driver() -> None:
     assert s.cdev(a) is None
 
 
+def test_find_device_for_a_driver() -> None:
+    s = Sysfs(_tree())
+    nic = (0x8086, 0x10D3)
+    # the first one bound to vfio-pci, skipping the one on another driver
+    assert str(s.find_device(*nic, name="nic")) == "0000:01:00.0"
+    assert str(s.find_device(*nic, "04:00.0", name="nic")) == "0000:04:00.0"
+    with pytest.raises(AddressError) as info:
+        s.find_device(*nic, "09:00.0", name="nic")
+    assert info.value.errno == errno.ENODEV and "no PCI device at this address" in str(info.value)
+    with pytest.raises(AddressError) as info:
+        s.find_device(0x1234, 0x11E8, "01:00.0", name="edu")
+    assert "0000:01:00.0: find device failed" in str(info.value)
+    assert "it is 8086:10d3, not 1234:11e8 (edu)" in str(info.value)
+    with pytest.raises(AddressError):
+        s.find_device(*nic, "nonsense", name="nic")
+    with pytest.raises(SysfsError) as info:
+        s.find_device(0x1234, 0x11E8, name="edu", hint="start QEMU with -device edu")
+    assert info.value.errno == errno.ENODEV
+    assert str(info.value).endswith("no 1234:11e8 (edu) found - start QEMU with -device edu")
+    k = _tree()
+    k.pci_device("0000:07:00.0", 19, driver=None)
+    k.files["/sys/bus/pci/devices/0000:07:00.0/vendor"] = "0x1af4\n"
+    k.files["/sys/bus/pci/devices/0000:07:00.0/device"] = "0x1000\n"
+    with pytest.raises(SysfsError) as info:
+        Sysfs(k).find_device(0x1AF4, 0x1000, name="virtio-net")
+    assert "no 1af4:1000 (virtio-net) is bound to vfio-pci; found 0000:07:00.0 (no driver)" in str(
+        info.value
+    )
+    assert "driverctl set-override 0000:07:00.0 vfio-pci" in str(info.value)
+
+
 def test_topology_and_reset_domains() -> None:
     s = Sysfs(_tree())
     assert s.parent_bridge("01:00.0") == PciAddress.parse("00:01.0")
