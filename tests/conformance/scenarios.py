@@ -754,11 +754,17 @@ class GuestProbe:
         self.trace.stop()
 
 
-def simulate(names: Sequence[str] | None = None) -> Json:
-    """All scenarios on a fresh simulated qemu-vmtest machine (modelled delays switched off)."""
+def simulate(names: Sequence[str] | None = None, version: tuple[int, int] | None = None) -> Json:
+    """All scenarios on a fresh simulated qemu-vmtest machine (modelled delays switched off),
+    of the kernel ``version`` (the simulator's default when None)."""
     from mock_vfio import Machine, load_topology
+    from mock_vfio.version import DEFAULT_KERNEL_VERSION
 
-    machine = Machine(load_topology("qemu-vmtest"), time_scale=0.0)
+    machine = Machine(
+        load_topology("qemu-vmtest"),
+        time_scale=0.0,
+        kernel_version=version or DEFAULT_KERNEL_VERSION,
+    )
     try:
         return run_all(machine.spawn(name="conformance"), SimProbe(machine), names, machine)
     finally:

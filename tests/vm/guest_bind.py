@@ -1,6 +1,7 @@
 """In the vmtest guest: vfiopy-bind on two e1000e NICs with the real e1000e driver.
 
-Loads e1000e (the guest blacklists nothing, but loads it only here), puts the NICs on it
+Loads e1000e (the guest blacklists nothing, but loads it only here) from the module files the
+host gives (those of the kernel the guest booted: it need not be the host root's), puts the NICs on it
 (``restore --driver``), binds them to vfio-pci, restores them from the state file, brings one
 interface up and checks the refusal, then leaves both NICs on vfio-pci again and unloads
 e1000e, as the other tests expect. Prints one JSON document: each step's exit status, its
@@ -49,12 +50,15 @@ def interface(addr: str) -> str | None:
 
 
 def main() -> None:
-    nics = sys.argv[1:3]
+    """Usage: guest_bind.py MODULE.ko... -- NIC NIC (the modules in load order)."""
+    split = sys.argv.index("--")
+    modules, nics = sys.argv[1:split], sys.argv[split + 1 : split + 3]
     out: dict[str, Any] = {"nics": nics}
-    release = os.uname().release
-    ko = f"/lib/modules/{release}/kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko"
-    ins = subprocess.run(["insmod", ko], capture_output=True, text=True, check=False)
-    out["insmod"] = {"rc": ins.returncode, "stderr": ins.stderr}
+    for ko in modules:
+        ins = subprocess.run(["insmod", ko], capture_output=True, text=True, check=False)
+        out["insmod"] = {"rc": ins.returncode, "stderr": ins.stderr, "module": ko}
+        if ins.returncode:
+            break
     try:
         out["to_e1000e"] = bind_cli("restore", "--driver", "e1000e", *nics)
         out["drivers_host"] = [driver(a) for a in nics]

@@ -16,8 +16,17 @@ GUEST_BIND = Path(__file__).resolve().parent / "guest_bind.py"
 @pytest.fixture(scope="module")
 def bind_results(guests: Guests, layout: vmtest.Layout) -> dict[str, Any]:
     nics = layout.bdfs("e1000e")[:2]
+    # The booted kernel's e1000e (and what it needs), decompressed where the guest reads it:
+    # the host root the guest runs in has the host's modules, not those of another kernel.
+    kernel = vmtest.find_kernel()
+    shared = guests.get().results_dir
+    modules = []
+    for path in vmtest.resolve_modules(kernel.modules_dir, ["e1000e"]):
+        ko = shared / (vmtest.module_name(str(path)) + ".ko")
+        ko.write_bytes(vmtest.module_bytes(path))
+        modules.append(str(ko))
     result = guests.run(
-        [vmtest.GUEST_PYTHON, str(GUEST_BIND), *nics],
+        [vmtest.GUEST_PYTHON, str(GUEST_BIND), *modules, "--", *nics],
         cwd=REPO,
         env=guest_env(),
         timeout=600,

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import vmtest
+
+from vfiopy.kmodel import parse_release
 
 pytestmark = pytest.mark.vm
 
@@ -25,8 +28,10 @@ scenarios = importlib.import_module("scenarios")
 
 @pytest.fixture(scope="module")
 def sim_results() -> dict[str, Any]:
+    """The simulator's results, modelling the kernel the guest boots."""
     pytest.importorskip("mock_vfio")
-    return dict(scenarios.simulate())
+    version = parse_release(vmtest.find_kernel().release)
+    return dict(scenarios.simulate(version=version))
 
 
 def test_every_scenario_ran_on_the_kernel(conformance_results: dict[str, Any]) -> None:

@@ -9,9 +9,17 @@ Why kprobes: Debian's 6.1 kernel has no tracepoints on PCI resets and logs nothi
 resets a device. Why these functions: a probe on a function the compiler inlined into some
 callers silently misses those calls (pci_bridge_secondary_bus_reset is inlined into
 pci_parent_bus_reset, so a `bus` function reset of a device behind a plain bridge never reaches
-its out-of-line copy); pcibios_reset_secondary_bus is a weak symbol, which no caller can inline. The device name is read from `pci_dev->dev.kobj.name`; the offset of `dev`
-inside `struct pci_dev` comes from the kernel's own BTF (/sys/kernel/btf/vmlinux), so no
-offsets are guessed.
+its out-of-line copy); pcibios_reset_secondary_bus is a weak symbol, which no caller can inline.
+The device name is read from `pci_dev->dev.kobj.name`; the offset of `dev` inside `struct
+pci_dev` comes from the kernel's own BTF (/sys/kernel/btf/vmlinux), so no offsets are guessed.
+
+Which probes: chosen from what the running kernel has (see `choose_probes`). A function missing
+from /proc/kallsyms falls back to the next name for its kind, and a function that BTF says
+returns void gets a return probe without `$retval`: since Linux 6.5 (fd26290ec89d, "tracing/probes:
+Add BTF retval type support") the kernel refuses such a probe ("This function returns 'void'
+type" in error_log), which is why Debian's 6.12 could not trace pcibios_reset_secondary_bus (void
+in every version); 6.1 took it and recorded whatever rax held. A void function cannot fail: its
+return is recorded as 0 (the bus reset's failure, if any, is the readiness wait's return).
 
 Kinds (probed function -> kind):
   pcibios_reset_secondary_bus     "bus"       dev is the bridge; `affected` lists the devices
@@ -26,6 +34,8 @@ Kinds (probed function -> kind):
   pcie_flr                        "flr"
   pci_af_flr                      "af_flr"    probe calls are dropped
   pci_pm_reset                    "pm"        probe calls are dropped
+  pciehp_reset_slot               "slot"      no event: marks the "bus" resets it runs (`via`),
+                                              which `performed` reports as slot resets
 
 Use from a test command in the guest:
     import guest_trace
@@ -48,7 +58,7 @@ import struct
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 GROUP = "vfiopy"
@@ -57,17 +67,25 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 OFFSET_CACHE = Path("/tmp/vfiopy-guest-trace-offsets.json")
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
-# (kind, kernel function, has a `bool probe` second argument)
-PROBES: tuple[tuple[str, str, bool], ...] = (
-    ("bus", "pcibios_reset_secondary_bus", False),
-    ("bus_wait", "pci_bridge_wait_for_secondary_bus", False),
-    ("function", "__pci_reset_function_locked", False),
-    ("reset_bus", "pci_reset_bus", False),
-    ("flr", "pcie_flr", False),
-    ("af_flr", "pci_af_flr", True),
-    ("pm", "pci_pm_reset", True),
+# (kind, kernel functions in order of preference, has a `bool probe` second argument). The bus
+# kind falls back to pci_reset_secondary_bus, which the weak pcibios_ hook calls on x86, for a
+# kernel that has no out-of-line copy of the hook.
+PROBES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("bus", ("pcibios_reset_secondary_bus", "pci_reset_secondary_bus"), False),
+    ("bus_wait", ("pci_bridge_wait_for_secondary_bus",), False),
+    ("function", ("__pci_reset_function_locked",), False),
+    ("reset_bus", ("pci_reset_bus",), False),
+    ("flr", ("pcie_flr",), False),
+    ("af_flr", ("pci_af_flr",), True),
+    ("pm", ("pci_pm_reset",), True),
+    ("slot", ("pciehp_reset_slot",), True),
 )
-KINDS = tuple(kind for kind, _, _ in PROBES if kind != "bus_wait")
+# Kinds whose function takes no pci_dev first (pciehp_reset_slot takes the hotplug slot): no
+# event of their own; a "bus" reset inside one in the same task is the slot's reset (pciehp
+# resets its port's secondary bus), which `performed` reports as "slot".
+SCOPE_KINDS = ("slot",)
+KALLSYMS = Path("/proc/kallsyms")
+KINDS = tuple(kind for kind, _, _ in PROBES if kind != "bus_wait" and kind not in SCOPE_KINDS)
 _ALL_KINDS = tuple(kind for kind, _, _ in PROBES)
 
 _BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -94,6 +112,7 @@ class ResetEvent:
     comm: str
     affected: tuple[str, ...]  # for "bus": devices below the bridge; otherwise (dev,)
     wait: float | None = None  # "bus": seconds spent waiting for the secondary bus afterwards
+    via: str | None = None  # "slot": a bus reset a hotplug driver's slot reset performed
 
     @property
     def duration(self) -> float | None:
@@ -108,8 +127,24 @@ class ResetEvent:
 # BTF: offsetof(struct pci_dev, dev.kobj.name)
 
 
-def _btf_member_offsets(blob: bytes, wanted: dict[str, str]) -> dict[tuple[str, str], int]:
-    """Byte offsets of struct members, e.g. {"pci_dev": "dev"} -> {("pci_dev", "dev"): 184}."""
+# bytes following struct btf_type, per kind: fixed part and per-vlen part
+_BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0),
+              15: (0, 12), 17: (4, 0), 19: (0, 12)}  # fmt: skip
+_BTF_STRUCT, _BTF_FUNC, _BTF_FUNC_PROTO = 4, 12, 13
+
+
+@dataclasses.dataclass(frozen=True)
+class _BtfType:
+    id: int  # type ids count from 1 in the order of the type section
+    kind: int
+    name_off: int
+    info: int
+    size_or_type: int
+    body: int  # offset of what follows struct btf_type
+
+
+def _btf_types(blob: bytes) -> tuple[Iterable[_BtfType], Callable[[int], str]]:
+    """The BTF blob's types in order, and its string-table lookup."""
     magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", blob, 0)
     if magic != 0xEB9F:
         raise TraceError(f"{BTF_PATH}: not little-endian BTF (magic {magic:#x})")
@@ -121,44 +156,116 @@ def _btf_member_offsets(blob: bytes, wanted: dict[str, str]) -> dict[tuple[str, 
         end = blob.index(b"\0", strings + off)
         return blob[strings + off : end].decode()
 
-    # bytes following struct btf_type, per kind: fixed part and per-vlen part
-    extra = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0),
-             15: (0, 12), 17: (4, 0), 19: (0, 12)}  # fmt: skip
-    targets = {name.encode() for name in wanted}
+    def walk() -> Iterable[_BtfType]:
+        pos, end, type_id = types, types + type_len, 1
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", blob, pos)
+            kind = (info >> 24) & 0x1F
+            fixed, per = _BTF_EXTRA.get(kind, (0, 0))
+            yield _BtfType(type_id, kind, name_off, info, size_or_type, pos + 12)
+            pos += 12 + fixed + per * (info & 0xFFFF)
+            type_id += 1
+
+    return walk(), name_at
+
+
+def _btf_member_offsets(blob: bytes, wanted: dict[str, str]) -> dict[tuple[str, str], int]:
+    """Byte offsets of struct members, e.g. {"pci_dev": "dev"} -> {("pci_dev", "dev"): 184}."""
+    types, name_at = _btf_types(blob)
     found: dict[tuple[str, str], int] = {}
-    pos = types
-    end = types + type_len
-    while pos < end and len(found) < len(wanted):
-        name_off, info, _size = struct.unpack_from("<III", blob, pos)
-        kind = (info >> 24) & 0x1F
-        vlen = info & 0xFFFF
-        fixed, per = extra.get(kind, (0, 0))
-        body = pos + 12
-        if kind == 4 and vlen:  # STRUCT with members (not a forward declaration)
-            start = strings + name_off
-            if blob[start : blob.index(b"\0", start)] in targets:
-                struct_name = name_at(name_off)
-                member = wanted[struct_name]
-                kflag = info >> 31
-                for i in range(vlen):
-                    m_name, _m_type, m_off = struct.unpack_from("<III", blob, body + 12 * i)
-                    if name_at(m_name) == member:
-                        bits = m_off & 0xFFFFFF if kflag else m_off
-                        found[(struct_name, member)] = bits // 8
-        pos = body + fixed + per * vlen
+    for t in types:
+        vlen = t.info & 0xFFFF
+        if t.kind != _BTF_STRUCT or not vlen:  # not a struct with members
+            continue
+        struct_name = name_at(t.name_off)
+        member = wanted.get(struct_name)
+        if member is None:
+            continue
+        kflag = t.info >> 31
+        for i in range(vlen):
+            m_name, _m_type, m_off = struct.unpack_from("<III", blob, t.body + 12 * i)
+            if name_at(m_name) == member:
+                bits = m_off & 0xFFFFFF if kflag else m_off
+                found[(struct_name, member)] = bits // 8
+        if len(found) == len(wanted):
+            break
     missing = [f"{s}.{m}" for s, m in wanted.items() if (s, m) not in found]
     if missing:
         raise TraceError(f"{BTF_PATH}: members not found: {', '.join(missing)}")
     return found
 
 
-def pci_dev_name_offset() -> int:
-    """offsetof(struct pci_dev, dev) + offsetof(device, kobj) + offsetof(kobject, name)."""
+def _btf_void_functions(blob: bytes, names: Iterable[str]) -> set[str]:
+    """Those of `names` that BTF knows as functions returning void (return type id 0)."""
+    types, name_at = _btf_types(blob)
+    wanted = set(names)
+    proto_of: dict[str, int] = {}  # function name -> its FUNC_PROTO's id
+    returns: dict[int, int] = {}  # FUNC_PROTO id -> return type id
+    for t in types:
+        if t.kind == _BTF_FUNC_PROTO:
+            returns[t.id] = t.size_or_type
+        elif t.kind == _BTF_FUNC and (name := name_at(t.name_off)) in wanted:
+            proto_of[name] = t.size_or_type
+    return {name for name, proto in proto_of.items() if returns.get(proto) == 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    kind: str
+    func: str
+    probe_arg: bool  # the function's second argument is `bool probe`
+    void: bool  # returns nothing: no `$retval` to fetch
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFacts:
+    """What the tracer needs to know of the running kernel, read once per release."""
+
+    name_offset: int  # offsetof(struct pci_dev, dev) + offsetof(device, kobj) + ...(kobject, name)
+    probes: tuple[Probe, ...]
+    missing: tuple[str, ...]  # kinds with none of their functions in /proc/kallsyms
+
+
+def _kallsyms_functions(names: Iterable[str]) -> set[str]:
+    """Those of `names` that are text symbols of the running kernel (inlined ones are absent)."""
+    wanted = set(names)
+    found: set[str] = set()
+    try:
+        with KALLSYMS.open() as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in "tTwW" and parts[2] in wanted:
+                    found.add(parts[2])
+    except OSError as err:
+        raise TraceError(f"cannot read {KALLSYMS}: {err}") from err
+    return found
+
+
+def choose_probes(blob: bytes, present: set[str]) -> tuple[tuple[Probe, ...], tuple[str, ...]]:
+    """Per kind, the first of its functions the kernel has, and whether it returns void."""
+    void = _btf_void_functions(blob, (f for _, funcs, _ in PROBES for f in funcs))
+    probes: list[Probe] = []
+    missing: list[str] = []
+    for kind, funcs, probe_arg in PROBES:
+        func = next((f for f in funcs if f in present), None)
+        if func is None:
+            missing.append(kind)
+        else:
+            probes.append(Probe(kind, func, probe_arg, func in void))
+    return tuple(probes), tuple(missing)
+
+
+def kernel_facts() -> KernelFacts:
+    """The running kernel's offsets and probes, from its BTF and kallsyms (cached per release)."""
     release = os.uname().release
     try:
         cached = json.loads(OFFSET_CACHE.read_text())
         if cached.get("release") == release:
-            return int(cached["offset"])
+            return KernelFacts(
+                int(cached["offset"]),
+                tuple(Probe(**p) for p in cached["probes"]),
+                tuple(cached["missing"]),
+            )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
@@ -167,10 +274,19 @@ def pci_dev_name_offset() -> int:
         raise TraceError(f"cannot read {BTF_PATH} (kernel without BTF?): {err}") from err
     wanted = {"pci_dev": "dev", "device": "kobj", "kobject": "name"}
     offs = _btf_member_offsets(blob, wanted)
-    offset = sum(offs[(s, m)] for s, m in wanted.items())
+    present = _kallsyms_functions(f for _, funcs, _ in PROBES for f in funcs)
+    probes, missing = choose_probes(blob, present)
+    facts = KernelFacts(sum(offs[(s, m)] for s, m in wanted.items()), probes, missing)
+    cache = {"release": release, "offset": facts.name_offset, "missing": list(missing),
+             "probes": [dataclasses.asdict(p) for p in probes]}  # fmt: skip
     with contextlib.suppress(OSError):  # a read-only /tmp only costs a re-parse next time
-        OFFSET_CACHE.write_text(json.dumps({"release": release, "offset": offset}))
-    return offset
+        OFFSET_CACHE.write_text(json.dumps(cache))
+    return facts
+
+
+def pci_dev_name_offset() -> int:
+    """offsetof(struct pci_dev, dev) + offsetof(device, kobj) + offsetof(kobject, name)."""
+    return kernel_facts().name_offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,21 +319,17 @@ def _write(path: Path, text: str, *, append: bool = False) -> None:
         os.close(fd)
 
 
-def _probe_defs(name_offset: int) -> list[tuple[str, str, str]]:
-    """(kind, entry definition, return definition) for each probe."""
-    dev = f"dev=+0(+{name_offset}($arg1)):string"
+def _probe_defs(facts: KernelFacts) -> list[tuple[str, str, str]]:
+    """(kind, entry definition, return definition) for each probe the kernel allows."""
+    dev = f"dev=+0(+{facts.name_offset}($arg1)):string"
     defs = []
-    for kind, func, has_probe_arg in PROBES:
-        args = dev + (" probe=$arg2:u8" if has_probe_arg else "")
-        defs.append(
-            (
-                kind,
-                f"p:{GROUP}/{kind} {func} {args}",
-                # r64: up to 64 tasks inside the function at once (the default is
-                # max(10, 2 * CPUs)); a task beyond that would lose its return event.
-                f"r64:{GROUP}/{kind}_ret {func} ret=$retval:s32",
-            )
-        )
+    for p in facts.probes:
+        args = [] if p.kind in SCOPE_KINDS else [dev]
+        args += ["probe=$arg2:u8"] if p.probe_arg else []
+        # r64: up to 64 tasks inside the function at once (the default is max(10, 2 * CPUs));
+        # a task beyond that would lose its return event.
+        ret = f"r64:{GROUP}/{p.kind}_ret {p.func}" + ("" if p.void else " ret=$retval:s32")
+        defs.append((p.kind, " ".join([f"p:{GROUP}/{p.kind}", p.func, *args]), ret))
     return defs
 
 
@@ -244,9 +356,9 @@ def start(*, buffer_kb: int = 4096) -> list[str]:
     """
     root = tracefs()
     stop()
-    offset = pci_dev_name_offset()
+    facts = kernel_facts()
     active = []
-    for kind, entry, ret in _probe_defs(offset):
+    for kind, entry, ret in _probe_defs(facts):
         try:
             _write(root / "kprobe_events", entry, append=True)
             _write(root / "kprobe_events", ret, append=True)
@@ -254,8 +366,10 @@ def start(*, buffer_kb: int = 4096) -> list[str]:
             continue
         active.append(kind)
     if "bus" not in active:
+        tried = next(funcs for kind, funcs, _ in PROBES if kind == "bus")
         raise TraceError(
-            "cannot probe pcibios_reset_secondary_bus; see /sys/kernel/tracing/error_log"
+            f"cannot probe {' or '.join(tried)} (kinds without a function in {KALLSYMS}: "
+            f"{', '.join(facts.missing) or 'none'}); see {root / 'error_log'}"
         )
     _write(root / "tracing_on", "0")
     _write(root / "trace_clock", "mono")
@@ -296,6 +410,7 @@ def parse(lines: Iterable[str]) -> list[ResetEvent]:
     events: list[ResetEvent] = []
     pending: dict[tuple[int, str], tuple[int, float]] = {}  # (pid, kind) -> (event index, start)
     last_bus: dict[int, int] = {}  # pid -> index of its latest "bus" event
+    scopes: dict[tuple[int, str], int] = {}  # (pid, scope kind) -> calls open in that task
     below: dict[str, tuple[str, ...]] = {}
     for line in lines:
         m = _LINE_RE.match(line)
@@ -308,11 +423,17 @@ def parse(lines: Iterable[str]) -> list[ResetEvent]:
         pid = int(m["pid"])
         ts = float(m["ts"])
         args = {k: v.strip('"') for k, v in _ARG_RE.findall(m["args"])}
+        if kind in SCOPE_KINDS:
+            if args.get("probe", "0") in ("0", "0x0") or name.endswith("_ret"):
+                step = -1 if name.endswith("_ret") else 1
+                scopes[(pid, kind)] = max(0, scopes.get((pid, kind), 0) + step)
+            continue
         if name.endswith("_ret"):
             idx, start = pending.pop((pid, kind), (-1, 0.0))
             if idx < 0:
                 continue
-            ret = int(args["ret"]) if "ret" in args else None
+            # A void function's return probe fetches nothing: it returned, so it succeeded.
+            ret = int(args["ret"]) if "ret" in args else 0
             ev = events[idx]
             if kind == "bus_wait":
                 failed = ret if ret else ev.ret
@@ -336,8 +457,11 @@ def parse(lines: Iterable[str]) -> list[ResetEvent]:
             last_bus[pid] = len(events)
         else:
             affected = (dev,)
+        via = next((k for k in SCOPE_KINDS if kind == "bus" and scopes.get((pid, k))), None)
         pending[(pid, kind)] = (len(events), ts)
-        events.append(ResetEvent(kind, dev, ts, None, None, pid, m["comm"].strip(), affected))
+        events.append(
+            ResetEvent(kind, dev, ts, None, None, pid, m["comm"].strip(), affected, via=via)
+        )
     return events
 
 
@@ -362,6 +486,17 @@ def bus_resets_of(events: Iterable[ResetEvent], bdf: str, *, only_ok: bool = Tru
     return sum(
         1 for ev in events if ev.kind == "bus" and bdf in ev.affected and (ev.ok or not only_ok)
     )
+
+
+# The kinds that are one reset each, named as sysfs reset_method and vfiopy.kmodel name them;
+# "function" and "reset_bus" wrap one of them.
+METHOD_KINDS = ("flr", "af_flr", "pm", "bus")
+
+
+def performed(events: Iterable[ResetEvent]) -> list[tuple[str, tuple[str, ...]]]:
+    """(method, devices it hit) for each reset the kernel performed; a bus reset a slot
+    reset ran is "slot"."""
+    return [(ev.via or ev.kind, ev.affected) for ev in events if ev.kind in METHOD_KINDS]
 
 
 def to_json(events: Sequence[ResetEvent]) -> list[dict[str, object]]:

@@ -58,7 +58,10 @@ may look stale there, so pass generated files through the results directory (nev
 
 Environment: VFIOPY_VMTEST_KERNEL (kernel image), VFIOPY_VMTEST_MODULES (its modules dir),
 VFIOPY_VMTEST_CACHE (initramfs cache, default ~/.cache/vfiopy-vmtest), VFIOPY_VMTEST_QEMU,
-VFIOPY_VMTEST_BUSYBOX.
+VFIOPY_VMTEST_BUSYBOX. Another kernel than the host's (the README shows Debian's 6.12,
+unpacked with `dpkg -x` and `depmod -b`) boots with the host root all the same: a module the
+guest loads later must come from VFIOPY_VMTEST_MODULES (`resolve_modules`, `module_bytes`),
+not from the host root's /lib/modules.
 """
 
 from __future__ import annotations
@@ -318,7 +321,7 @@ def missing_requirements() -> list[str]:
 # Initramfs
 
 
-def _module_name(path: str) -> str:
+def module_name(path: str) -> str:
     base = path.rsplit("/", 1)[-1]
     return re.sub(r"\.ko(\.(xz|gz|zst))?$", "", base).replace("-", "_")
 
@@ -335,12 +338,12 @@ def resolve_modules(modules_dir: Path, names: Sequence[str]) -> list[Path]:
         target, _, rest = line.partition(":")
         if not target:
             continue
-        name = _module_name(target)
+        name = module_name(target)
         files[name] = target
-        deps[name] = [_module_name(d) for d in rest.split()]
+        deps[name] = [module_name(d) for d in rest.split()]
     builtin: set[str] = set()
     with contextlib.suppress(OSError):
-        builtin = {_module_name(x) for x in (modules_dir / "modules.builtin").read_text().split()}
+        builtin = {module_name(x) for x in (modules_dir / "modules.builtin").read_text().split()}
 
     order: list[str] = []
 
@@ -360,7 +363,8 @@ def resolve_modules(modules_dir: Path, names: Sequence[str]) -> list[Path]:
     return [modules_dir / files[name] for name in order]
 
 
-def _module_bytes(path: Path) -> bytes:
+def module_bytes(path: Path) -> bytes:
+    """A module file as insmod takes it (decompressed)."""
     data = path.read_bytes()
     if path.suffix == ".xz":
         return lzma.decompress(data)
@@ -448,8 +452,8 @@ def build_initramfs(kernel: KernelImage, cache_dir: Path | None = None) -> Path:
             cpio.file("init", init, 0o755)
             names = []
             for path in modules:
-                name = _module_name(str(path)) + ".ko"
-                cpio.file(f"lib/modules/{name}", _module_bytes(path))
+                name = module_name(str(path)) + ".ko"
+                cpio.file(f"lib/modules/{name}", module_bytes(path))
                 names.append(name)
             cpio.file("etc/vmtest-modules", ("\n".join(names) + "\n").encode())
             cpio.close()
