@@ -43,7 +43,7 @@ struct vfio_device_detach_iommufd_pt {
 #ifndef VFIO_DEVICE_BIND_FLAG_TOKEN
 #define VFIO_DEVICE_BIND_FLAG_TOKEN (1 << 0)
 #endif
-/* VFIO_DEVICE_BIND_IOMMUFD with a VF token (be2e70b96c3e, Linux 6.17): the layout of
+/* VFIO_DEVICE_BIND_IOMMUFD with a VF token (86624ba3b522, Linux 6.17): the layout of
    struct vfio_device_bind_iommufd from then, under vfiopy's own name, so that an older
    header's shorter struct stays as it is. */
 struct vfiopy_bind_iommufd_token {

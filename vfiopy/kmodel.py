@@ -52,7 +52,7 @@ KernelVersion = tuple[int, int]
 DEVSET_LOCKING: KernelVersion = (5, 0)  # e309df5b0c9e: a lock per bus/slot, not driver_lock
 RESET_DELAY_BY_LINK: KernelVersion = (6, 3)  # ac91e6980563: no fixed 1 s after a bus reset
 VF_OWN_DEVSET: KernelVersion = (6, 17)  # e908f58b6beb: a VF is a device set of its own
-FDINFO_SYSPATH: KernelVersion = (6, 18)  # vfio-device-syspath in a device file's fdinfo
+FDINFO_SYSPATH: KernelVersion = (6, 18)  # 1e736f148956: vfio-device-syspath in fdinfo
 # Driver-facing VFIO interfaces: before each, the kernel answers ENOTTY.
 IOEVENTFD: KernelVersion = (4, 17)  # 30656177c408: VFIO_DEVICE_IOEVENTFD
 LOW_POWER: KernelVersion = (6, 1)  # cc2742fe3660, 453e6c98fd2b: LOW_POWER_ENTRY/_EXIT/_WITH_WAKEUP

@@ -80,7 +80,7 @@ DEFAULT_REMOVE_COST = 0.05
 VF_ADD_COST = 0.0001
 
 IFF_UP = 0x1
-CDEV_VF_TOKEN = (6, 17)  # VFIO_DEVICE_BIND_FLAG_TOKEN, be2e70b96c3e
+CDEV_VF_TOKEN = (6, 17)  # VFIO_DEVICE_BIND_FLAG_TOKEN, 86624ba3b522
 
 
 def probe_cost(driver: str) -> float:
@@ -208,7 +208,7 @@ class HostDrivers:
 
     def bind_token(self, addr: int, flags: int) -> str | None:
         """The token of a VFIO_DEVICE_BIND_IOMMUFD at ``addr`` (``flags`` read): from Linux
-        6.17 (be2e70b96c3e) ``VFIO_DEVICE_BIND_FLAG_TOKEN`` says ``token_uuid_ptr`` follows;
+        6.17 (86624ba3b522) ``VFIO_DEVICE_BIND_FLAG_TOKEN`` says ``token_uuid_ptr`` follows;
         any flag before then, or another one, is EINVAL."""
         if not flags:
             return None
