@@ -22,8 +22,8 @@ from release_helpers import (
     vfio_devices,
 )
 
-from vfiopy.release import acquire
-from vfiopy.release.cli import main
+from vfiopy.release import DomainResult, ObservedReset, Report, acquire
+from vfiopy.release.cli import main, summary
 from vfiopy.session import Session
 
 
@@ -48,7 +48,12 @@ def check_schema(doc: dict[str, Any]) -> None:
     assert doc["schema"] == 1 and isinstance(doc["ok"], bool)
     assert isinstance(doc["elapsed_s"], float)
     for d in doc["domains"]:
-        assert {"id", "devices", "resets"} <= set(d) <= {"id", "devices", "resets", "also_reset"}
+        optional = {"also_reset", "predicted", "observed"}
+        assert {"id", "devices", "resets"} <= set(d) <= {"id", "devices", "resets"} | optional
+        for part in ("predicted", "observed"):  # resets by method
+            assert all(isinstance(n, int) and n > 0 for n in d.get(part, {}).values())
+        if "predicted" in d:
+            assert sum(d["predicted"].values()) == d["resets"]
         assert isinstance(d["id"], str) and all(isinstance(a, str) for a in d["devices"])
         assert d["resets"] is None or isinstance(d["resets"], int)
     for r in doc["devices"]:
@@ -163,6 +168,90 @@ def test_dry_run_json_is_the_plan(
     assert [d["resets"] for d in doc["domains"]] == [1] * 4
     assert all(r["status"] == "skipped" for r in doc["devices"])
     assert not m.events("open") and not m.resets()
+
+
+# Two functions of one multifunction device behind a bridge, each with FLR: one FLR per
+# close and no bus reset (the case the model once predicted as a bus reset).
+MULTIFUNCTION_FLR = """
+[[bridge]]
+addr = "0000:00:01.0"
+secondary = 1
+subordinate = 1
+[[device]]
+addr = "0000:01:00.0"
+flr = true
+[[device]]
+addr = "0000:01:00.1"
+flr = true
+"""
+
+
+@pytest.mark.parametrize(
+    ("topology", "version"),
+    [("gpus:4", (6, 1)), ("multifunction", (6, 1)), ("vfs:4", (6, 1)), ("vfs:4", (6, 18))],
+)
+def test_a_simulated_release_reports_predicted_and_observed_resets(
+    topology: str,
+    version: tuple[int, int],
+    machine: MachineFactory,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    if topology == "multifunction":
+        topology = str(tmp_path / "mf.toml")
+        (tmp_path / "mf.toml").write_text(MULTIFUNCTION_FLR)
+    m = machine(topology, kernel_version=version)
+    cli = m.spawn(name="cli")
+    addrs = vfio_devices(cli)
+    since = len(m.trace)
+    code, doc, err = run([*addrs, "--json"], cli, capsys)
+    assert code == 0, err
+    check_schema(doc)
+    assert doc["observed_by"] == "simulator"
+    for d in doc["domains"]:
+        assert d["observed"] == d["predicted"], d
+    traced = [e for e in m.unique_resets() if e in m.trace[since:] and e.cause != "open"]
+    assert sum(sum(d["observed"].values()) for d in doc["domains"]) == len(traced)
+    if topology.endswith("mf.toml"):
+        assert [d["predicted"] for d in doc["domains"]] == [{"flr": 2}]
+    # The human summary says the same, in one line when they agree.
+    code, _, err = run(addrs, m.spawn(name="cli2"), capsys)
+    assert code == 0
+    assert f"resets predicted {len(traced)}, observed {len(traced)} by the simulator\n" in err
+
+
+def test_a_dry_run_observes_nothing(
+    machine: MachineFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = machine("gpus:2").spawn(name="cli")
+    code, doc, _ = run([*vfio_devices(cli), "--dry-run", "--json"], cli, capsys)
+    assert code == 0 and "observed_by" not in doc
+    assert all("observed" not in d and d["predicted"] for d in doc["domains"])
+
+
+def test_the_summary_names_each_domain_where_observation_and_prediction_differ() -> None:
+    report = Report("release")
+    report.domains = [
+        DomainResult("0000:01", ["0000:01:00.0", "0000:01:00.1"], 2, predicted={"flr": 2}),
+        DomainResult("0000:02:00.0", ["0000:02:00.0"], 1, predicted={"bus": 1}),
+        DomainResult("pid 7 fd 9", ["pid 7 fd 9"], None),
+    ]
+    report.observe(
+        "guest kprobes",
+        [
+            ObservedReset("flr", ("0000:01:00.0",)),
+            ObservedReset("bus", ("0000:01:00.0", "0000:01:00.1")),
+            ObservedReset("bus", ("0000:02:00.0",)),
+            ObservedReset("flr", ("0000:09:00.0",)),  # nobody's: counted nowhere
+        ],
+    )
+    assert [d.observed for d in report.domains] == [{"bus": 1, "flr": 1}, {"bus": 1}, {}]
+    assert [d.matches for d in report.domains] == [False, True, None]
+    assert report.to_json()["observed_by"] == "guest kprobes"
+    assert summary(report)[-2:] == [
+        "resets predicted 3, observed 3 by the guest kprobes; they differ in:",
+        "  0000:01: predicted 2 flr, observed 1 bus, 1 flr",
+    ]
 
 
 @pytest.mark.parametrize("bad", ["3b:00", "../../../etc/passwd", "/sys/bus/pci/devices/x", ""])

@@ -27,7 +27,7 @@ import anyio
 import guest_trace
 import structlog
 
-from vfiopy.release import acquire, release, reset
+from vfiopy.release import ObservedReset, Report, acquire, release, reset
 from vfiopy.session import Session
 
 VMM_CODE = """
@@ -67,6 +67,12 @@ def resets(events: Sequence[guest_trace.ResetEvent], bdfs: Sequence[str]) -> dic
     }
 
 
+def observed(report: Report, events: Sequence[guest_trace.ResetEvent]) -> dict[str, Any]:
+    """The report's JSON, with the resets the tracer saw set beside the model's prediction."""
+    report.observe("guest kprobes", [ObservedReset(m, t) for m, t in guest_trace.performed(events)])
+    return report.to_json()
+
+
 def api_phase(nics: list[str], pair: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     wanted = nics + pair
@@ -77,12 +83,14 @@ def api_phase(nics: list[str], pair: list[str]) -> dict[str, Any]:
         out["acquire"] = resets(guest_trace.read(), wanted)
         guest_trace.clear()
         report = anyio.run(reset, session)
-        out["reset_report"] = report.to_json()
-        out["reset"] = resets(guest_trace.read(), wanted)
+        events = guest_trace.read()
+        out["reset_report"] = observed(report, events)
+        out["reset"] = resets(events, wanted)
         guest_trace.clear()
         report = anyio.run(release, session)
-        out["release_report"] = report.to_json()
-        out["release"] = resets(guest_trace.read(), wanted)
+        events = guest_trace.read()
+        out["release_report"] = observed(report, events)
+        out["release"] = resets(events, wanted)
         out["open_after_release"] = [str(d.address) for d in session.devices]
     return out
 

@@ -187,6 +187,11 @@ def test_release_api_acquire_reset_release(
     nic_bus = [e for e in api["release"]["bus"] if set(e["affected"]) & set(nics)]
     assert len(nic_bus) == 6 and all(e["ret"] == 0 for e in nic_bus)
     assert concurrent(nic_bus), nic_bus
+    # The model's prediction is what the real kernel did, domain by domain, method by method.
+    release, reset_ = api["release_report"], api["reset_report"]
+    assert release["observed_by"] == reset_["observed_by"] == "guest kprobes"
+    assert all(d["observed"] == d["predicted"] for d in release["domains"]), release["domains"]
+    assert all(sum(d["observed"].values()) == d["resets"] for d in reset_["domains"]), reset_
 
 
 def test_release_cli_addresses(release_results: dict[str, Any], layout: vmtest.Layout) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from vfiopy.release._report import SCHEMA as SCHEMA
     from vfiopy.release._report import DeviceResult as DeviceResult
     from vfiopy.release._report import DomainResult as DomainResult
+    from vfiopy.release._report import ObservedReset as ObservedReset
     from vfiopy.release._report import Report as Report
     from vfiopy.release._report import Status as Status
     from vfiopy.release._takeover import Takeover as Takeover
@@ -66,6 +67,7 @@ else:
                 "SCHEMA",
                 "DeviceResult",
                 "DomainResult",
+                "ObservedReset",
                 "Report",
                 "Status",
             ),
@@ -80,6 +82,7 @@ __all__ = [
     "DeviceResult",
     "Domain",
     "DomainResult",
+    "ObservedReset",
     "Plan",
     "PlanError",
     "ProgressFn",

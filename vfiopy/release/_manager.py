@@ -268,7 +268,7 @@ def _release_jobs(
     """
     jobs = [
         DomainJob(
-            DomainResult(d.id, list(d.devices), d.release_resets),
+            d.release_result(),
             [
                 Step([DeviceResult(a, d.id)], closer(a), reset_kind(d, i))
                 for i, a in enumerate(d.devices)
@@ -432,7 +432,7 @@ async def release_addresses(
     done = {r.address: r for r in closes.devices}
     report = Report("release", elapsed_s=opens.elapsed_s + closes.elapsed_s)
     for d in plan.domains:
-        report.domains.append(DomainResult(d.id, list(d.devices), d.release_resets))
+        report.domains.append(d.release_result())
     for r in opens.devices:
         if r.address in done:
             c = done[r.address]

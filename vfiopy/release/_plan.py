@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from vfiopy.errors import AddressError, GroupNotViableError, SysfsError, VfioError
 from vfiopy.kernel import Kernel
 from vfiopy.kmodel import KernelModel, KernelVersion, Reset, label
+from vfiopy.release._report import DomainResult, count_methods
 from vfiopy.sysfs import PciAddress, Sysfs
 
 
@@ -56,6 +57,22 @@ class Domain:
     def release_resets(self) -> int:
         """Resets the kernel runs as the domain's devices are closed in order (predicted)."""
         return sum(len(c) for c in self.closes)
+
+    @property
+    def predicted(self) -> dict[str, int]:
+        """The release's resets by method (``{"flr": 1, "bus": 1}``), as the model predicts."""
+        return count_methods(r.method for c in self.closes for r in c)
+
+    def release_result(self, devices: list[str] | None = None) -> DomainResult:
+        """The domain's record in a release report, with the model's prediction."""
+        return DomainResult(
+            self.id,
+            list(self.devices if devices is None else devices),
+            self.release_resets,
+            also_reset=self.also_reset,
+            predicted=self.predicted,
+            functions=list(self.members),
+        )
 
     @property
     def also_reset(self) -> list[str]:

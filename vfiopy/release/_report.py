@@ -1,9 +1,16 @@
-"""What a release, reset or acquire did: one record per device, one per domain."""
+"""What a release, reset or acquire did: one record per device, one per domain.
+
+Each domain carries what the model predicted (``resets``, and for a release the
+resets by method) and, where the run's resets could be seen, what was observed:
+the simulator's trace on ``--simulate`` runs, the guest's kprobe tracer in
+``tests/vm``.  The two are kept apart so that a reader sees where they differ.
+"""
 
 from __future__ import annotations
 
 import enum
 import errno as _errno
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,12 +74,49 @@ class DomainResult:
     timed_out: bool = False
     # Idle vfio-pci functions, not part of the request, that the set's reset resets too.
     also_reset: list[str] = field(default_factory=list)
+    # The model's resets by method (``{"flr": 2}``), where it predicts them one by one.
+    predicted: dict[str, int] | None = None
+    # The resets by method that hit the domain's functions, where a trace saw the run.
+    observed: dict[str, int] | None = None
+    # The functions whose resets count as the domain's (``devices`` when empty): all it
+    # touches, by address, since a --pid device the fds do not name is listed by its fd.
+    functions: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "devices": list(self.devices), "resets": self.resets}
         if self.also_reset:
             out["also_reset"] = list(self.also_reset)
+        if self.predicted is not None:
+            out["predicted"] = dict(self.predicted)
+        if self.observed is not None:
+            out["observed"] = dict(self.observed)
         return out
+
+    @property
+    def observed_resets(self) -> int | None:
+        return None if self.observed is None else sum(self.observed.values())
+
+    @property
+    def matches(self) -> bool | None:
+        """Whether the observed resets are the predicted ones; None where either is unknown."""
+        if self.observed is None or self.resets is None:
+            return None
+        if self.predicted is not None:
+            return self.observed == self.predicted
+        return self.observed_resets == self.resets
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedReset:
+    """One reset a trace saw: ``method`` (flr, pm, bus, slot, ...) over ``targets``."""
+
+    method: str
+    targets: tuple[str, ...]
+
+
+def count_methods(methods: Iterable[str]) -> dict[str, int]:
+    """``["flr", "bus", "flr"]`` -> ``{"bus": 1, "flr": 2}`` (sorted, for stable JSON)."""
+    return dict(sorted(Counter(methods).items()))
 
 
 @dataclass(slots=True)
@@ -107,6 +151,15 @@ class Report:
     pid: int | None = None  # the process whose files were taken (--pid)
     files: list[FileResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    observed_by: str | None = None  # what saw the resets: "simulator", "guest kprobes"
+
+    def observe(self, source: str, resets: Iterable[ObservedReset]) -> None:
+        """Record, per domain, the resets ``source`` saw hit any of its devices."""
+        seen = list(resets)
+        self.observed_by = source
+        for d in self.domains:
+            ours = set(d.functions or d.devices)
+            d.observed = count_methods(r.method for r in seen if ours.intersection(r.targets))
 
     @property
     def ok(self) -> bool:
@@ -141,6 +194,7 @@ class Report:
             "devices": [d.to_json() for d in self.devices],
             **({"pid": self.pid, "files": [f.to_json() for f in self.files]} if self.pid else {}),
             **({"notes": list(self.notes)} if self.notes else {}),
+            **({"observed_by": self.observed_by} if self.observed_by else {}),
         }
 
 

@@ -366,9 +366,7 @@ def _jobs(
             steps[-1].reset = reset_label([r for c in d.closes for r in c])
         jobs.append(
             DomainJob(
-                DomainResult(
-                    d.id, [t.label(f) for f in fs], d.release_resets, also_reset=d.also_reset
-                ),
+                d.release_result([t.label(f) for f in fs]),
                 steps,
             )
         )

@@ -31,6 +31,7 @@ from vfiopy.release._report import (
     SCHEMA,
     DeviceResult,
     DomainResult,
+    ObservedReset,
     Report,
     Status,
     max_overlap,
@@ -225,7 +226,7 @@ def plan_report(plan: Plan, action: str) -> Report:
     report = Report(action)
     for d in plan.domains:
         report.domains.append(
-            DomainResult(d.id, list(d.devices), d.release_resets if action == "release" else 1)
+            d.release_result() if action == "release" else DomainResult(d.id, list(d.devices), 1)
         )
         report.devices += [DeviceResult(a, d.id) for a in d.devices]
     return report
@@ -246,6 +247,29 @@ def summary(report: Report) -> list[str]:
     lines += [f"  {d.address}: {d.status}: {d.error}" for d in report.failed()]
     if report.interrupted:
         lines.append("interrupted: every device fd taken was still released or given back")
+    return lines + _compare(report)
+
+
+def _methods(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {m}" for m, n in (counts or {}).items()) or "none"
+
+
+def _compare(report: Report) -> list[str]:
+    """Predicted against observed resets, where a trace saw the run: the total and each
+    domain where they differ."""
+    if report.observed_by is None:
+        return []
+    known = [d for d in report.domains if d.resets is not None]
+    predicted = sum(d.resets or 0 for d in known)
+    observed = sum(d.observed_resets or 0 for d in known)
+    lines = [
+        f"resets predicted {predicted}, observed {observed} by the {report.observed_by}"
+        + ("" if all(d.matches is not False for d in known) else "; they differ in:")
+    ]
+    for d in known:
+        if d.matches is False:
+            want = _methods(d.predicted) if d.predicted is not None else str(d.resets)
+            lines.append(f"  {d.id}: predicted {want}, observed {_methods(d.observed)}")
     return lines
 
 
@@ -257,6 +281,33 @@ class _Sim:
     machine: Any
     kernel: Kernel
     vmm: Any = None
+
+    def observed(self, since: float) -> list[ObservedReset]:
+        """The resets the simulator traced from ``since`` on, each with every device it hit;
+        not those of opening (the address flow opens each device to close it), since the
+        report predicts the closes' resets."""
+        out = []
+        for e in self.machine.unique_resets():
+            if e.start < since or e.cause == "open":
+                continue
+            if e.method in ("bus", "slot"):  # one trace event per device hit, same start
+                hit = self.machine.resets(kind=e.method, devset=e.devset)
+                targets = tuple(x.device for x in hit if x.start == e.start)
+            else:
+                targets = (e.device,)
+            out.append(ObservedReset(e.method or "?", targets))
+        return out
+
+
+@dataclass
+class _Watch:
+    """The simulator whose trace the report compares its predictions with (None: no trace)."""
+
+    sim: _Sim | None = None
+    since: float = 0.0
+
+
+_watch = _Watch()
 
 
 def _simulator(args: argparse.Namespace) -> _Sim:
@@ -314,6 +365,7 @@ def _sim_summary(sim: _Sim, since: float) -> list[str]:
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the CLI; ``kernel`` (a simulated process, in tests) replaces the system's."""
     _out.reset()
+    _watch.sim = None
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -396,6 +448,7 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
             if not args.quiet:
                 err.write(f"simulated VMM: pid {pid} holds {len(sim.vmm[1])} devices\n")
         since = time.monotonic()
+        _watch.sim, _watch.since = sim, since
         if pid is not None:
             code = _run_pid(args, kernel, pid, sig)
         else:
@@ -447,6 +500,8 @@ def _emit(
     args: argparse.Namespace, report: Report, dry_run: bool = False, plan_ok: bool = True
 ) -> int:
     _signals.phase = "after"  # a signal from here on changes neither the output nor the status
+    if _watch.sim is not None and not dry_run:
+        report.observe("simulator", _watch.sim.observed(_watch.since))
     if args.json:
         doc = report.to_json()
         if dry_run:
