@@ -148,6 +148,21 @@ def test_simulate_spec_options_replace_flags(tmp_path: Path) -> None:
     assert (run["kernel_model"], run["time_scale"], run["resets"]) == ("legacy", 0.001, 2)
 
 
+@pytest.mark.parametrize(("key", "version", "sets"), [("version", "6.1", 1), ("kernel", "6.18", 4)])
+def test_the_spec_version_is_the_machines(
+    key: str, version: str, sets: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfs:4 with the spec's version, over an environment that says otherwise: before 6.17
+    the VFs share one device set, so the bound is their FLRs in series; from 6.17, one FLR."""
+    monkeypatch.setenv("VFIOPY_SIM_KERNEL_VERSION", "6.18" if version == "6.1" else "6.1")
+    spec = f"vfs:4,{key}={version},scale=0.001"
+    code, doc = bench(tmp_path, "--simulate", spec, "--modes", "v")
+    assert code == 0
+    (run,) = doc["runs"]
+    flr = 0.1 * 0.001
+    assert run["lower_bound_s"] == pytest.approx(flr * 4 / sets)
+
+
 def test_mmio_is_reported(tmp_path: Path) -> None:
     code, doc = bench(
         tmp_path, "--simulate", "gpus:1", "--time-scale", "0", "--modes", "c", "--mmio"

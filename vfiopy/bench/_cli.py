@@ -194,6 +194,7 @@ def _parser() -> Parser:
         "--dma-bytes", type=_positive, default=1 << 30, metavar="N", help=argparse.SUPPRESS
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every device event")
+    p.set_defaults(kernel_version=None)  # the spec's version=X.Y, when it has one
     return p
 
 
@@ -215,14 +216,20 @@ def _apply_spec_options(args: argparse.Namespace, parser: argparse.ArgumentParse
     Options written in the spec replace the matching flags, so a spec copied
     from the environment variable runs the same machine here.
     """
+    from mock_vfio.version import is_version
+
     from vfiopy.simulate import parse_spec
 
     try:
         spec = parse_spec(args.simulate)
     except ValueError as exc:
         parser.error(str(exc))
-    given = {opt.partition("=")[0].strip() for opt in args.simulate.split(",")[1:]}
-    # a version in the spec chooses the models it implies
+    opts = {k.strip(): v for k, _, v in (o.partition("=") for o in args.simulate.split(",")[1:])}
+    given = set(opts)
+    # a version in the spec (version=X.Y or kernel=X.Y) is the machine's, and chooses the
+    # models it implies
+    if "version" in given or is_version(opts.get("kernel", "")):
+        args.kernel_version = spec.kernel_version
     if "kernel" in given or "version" in given:
         if spec.kernel_model not in KERNEL_MODELS:
             parser.error(f"kernel={spec.kernel_model}: choose from {', '.join(KERNEL_MODELS)}")
@@ -256,7 +263,7 @@ def _factory(args: argparse.Namespace) -> tuple[SystemFactory, str]:
     from vfiopy.bench._sim import SimFactory
 
     topology = args.simulate or DEFAULT_TOPOLOGY
-    return SimFactory(topology), topology
+    return SimFactory(topology, args.kernel_version), topology
 
 
 def _startup(

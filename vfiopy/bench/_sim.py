@@ -66,7 +66,13 @@ class SimChild:
 
 class SimSystem:
     def __init__(
-        self, spec: str, n: int, kernel_model: str, reset_model: str, time_scale: float
+        self,
+        spec: str,
+        n: int,
+        kernel_model: str,
+        reset_model: str,
+        time_scale: float,
+        kernel_version: tuple[int, int] | None = None,
     ) -> None:
         self.topology = topology_for(spec, n)
         self.kernel_model = kernel_model
@@ -81,9 +87,9 @@ class SimSystem:
             kernel_model=kernel_model,
             reset_model=reset_model,
             time_scale=time_scale,
-            # the version (VFIOPY_SIM_KERNEL_VERSION, default 6.1) decides what the
-            # models do not, such as the VFs' device sets
-            kernel_version=parse_spec(self.topology).kernel_version,
+            # the version (the spec's, else VFIOPY_SIM_KERNEL_VERSION, default 6.1) decides
+            # what the models do not, such as the VFs' device sets
+            kernel_version=kernel_version or parse_spec(self.topology).kernel_version,
         )
         self.kernel: Kernel = self.machine.spawn(name="bench")
         groups: dict[int, Group] = {}
@@ -145,10 +151,11 @@ class SimSystem:
 class SimFactory:
     """Builds a :class:`SimSystem` per run from one topology spec."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, kernel_version: tuple[int, int] | None = None) -> None:
         self.spec = spec
+        self.kernel_version = kernel_version  # the spec's version=, else the environment's
         _, topology, _ = _simulator()
         topology.load_topology(topology_for(spec, 1))  # unknown names raise ValueError here
 
     def __call__(self, n: int, kernel_model: str, reset_model: str, time_scale: float) -> SimSystem:
-        return SimSystem(self.spec, n, kernel_model, reset_model, time_scale)
+        return SimSystem(self.spec, n, kernel_model, reset_model, time_scale, self.kernel_version)
