@@ -187,3 +187,16 @@ def test_msix_noresize_by_version_and_msi_always() -> None:
                 assert not dev.irq(PciIrq.MSI).resizable
         finally:
             m.close()
+
+
+def test_an_msix_index_without_msix_keeps_noresize() -> None:
+    """has_dyn_msix needs an MSI-X capability: edu (MSI only) keeps NORESIZE on the MSI-X
+    index on 6.12 as the real kernel does (tests/vm conformance, irq_info)."""
+    m = nic_machine((6, 12))
+    try:
+        with vfiopy.Session(m.spawn()) as session:
+            edu = session.open_device("0000:08:01.0")
+            assert edu.irq(PciIrq.MSIX).count == 0
+            assert not edu.irq(PciIrq.MSIX).resizable
+    finally:
+        m.close()

@@ -59,7 +59,8 @@ class VfioPciIntrs(VfioDeviceFile):
         flags = IrqInfoFlag.EVENTFD
         if index == INTX:
             flags |= IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED
-        elif index != MSIX or not self.machine.msix_dynamic:
+        elif not (index == MSIX and self.irq_count(MSIX) and self.machine.msix_dynamic):
+            # has_dyn_msix needs an MSI-X capability (pci_msix_can_alloc_dyn): edu keeps it
             flags |= IrqInfoFlag.NORESIZE
         p.flags = flags
         p.count = self.irq_count(index)
