@@ -170,19 +170,12 @@ def test_dry_run_json_is_the_plan(
     assert not m.events("open") and not m.resets()
 
 
-# Two functions of one multifunction device behind a bridge, each with FLR: one FLR per
+# Three functions of one multifunction device behind a bridge, each with FLR: one FLR per
 # close and no bus reset (the case the model once predicted as a bus reset).
 MULTIFUNCTION_FLR = """
-[[bridge]]
-addr = "0000:00:01.0"
-secondary = 1
-subordinate = 1
-[[device]]
-addr = "0000:01:00.0"
-flr = true
-[[device]]
-addr = "0000:01:00.1"
-flr = true
+bridge = [{addr = "0000:00:01.0", secondary = 5, subordinate = 5}]
+device = [{addr = "0000:05:00.0", flr = true}, {addr = "0000:05:00.1", flr = true},
+          {addr = "0000:05:00.2", flr = true}]
 """
 
 
@@ -213,7 +206,7 @@ def test_a_simulated_release_reports_predicted_and_observed_resets(
     traced = [e for e in m.unique_resets() if e in m.trace[since:] and e.cause != "open"]
     assert sum(sum(d["observed"].values()) for d in doc["domains"]) == len(traced)
     if topology.endswith("mf.toml"):
-        assert [d["predicted"] for d in doc["domains"]] == [{"flr": 2}]
+        assert [d["predicted"] for d in doc["domains"]] == [{"flr": 3}]
     # The human summary says the same, in one line when they agree.
     code, _, err = run(addrs, m.spawn(name="cli2"), capsys)
     assert code == 0
