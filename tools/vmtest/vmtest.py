@@ -58,8 +58,8 @@ may look stale there, so pass generated files through the results directory (nev
 
 Environment: VFIOPY_VMTEST_KERNEL (kernel image), VFIOPY_VMTEST_MODULES (its modules dir),
 VFIOPY_VMTEST_CACHE (initramfs cache, default ~/.cache/vfiopy-vmtest), VFIOPY_VMTEST_QEMU,
-VFIOPY_VMTEST_BUSYBOX. Another kernel than the host's (the README shows Debian's 6.12,
-unpacked with `dpkg -x` and `depmod -b`) boots with the host root all the same: a module the
+VFIOPY_VMTEST_BUSYBOX. Another kernel than the host's (fetch-kernel.sh unpacks Debian's 6.12
+and prints the two variables) boots with the host root all the same: a module the
 guest loads later must come from VFIOPY_VMTEST_MODULES (`resolve_modules`, `module_bytes`),
 not from the host root's /lib/modules.
 """
