@@ -38,13 +38,11 @@ def lookup(m: Machine, p: list[str]) -> Node | None:
             return Dir(
                 lambda: [
                     f"vfio{i}"
-                    for i in sorted(
-                        d.minor for d in list(m.devices.values()) if d.driver == "vfio-pci"
-                    )
+                    for i in sorted(d.minor for d in list(m.devices.values()) if d.vfio_pci)
                 ]
             )
         if n == 3 and p[2].startswith("vfio") and p[2][4:].isdigit():
             minor = int(p[2][4:])
-            if any(d.minor == minor and d.driver == "vfio-pci" for d in list(m.devices.values())):
+            if any(d.minor == minor and d.vfio_pci for d in list(m.devices.values())):
                 return DevNode(lambda proc: proc.open_cdev(minor))
     return None

@@ -256,7 +256,7 @@ class HostDrivers:
     # --- what bound drivers make ----------------------------------------------------------
 
     def _host_bound(self, dev: Device) -> bool:
-        return dev.driver not in (None, "vfio-pci", "pci-stub") and not dev.removed
+        return not (dev.driver in (None, "pci-stub") or dev.vfio_pci or dev.removed)
 
     def netdevs(self) -> dict[str, Device]:
         """Interface name -> device, for network functions bound to a host driver."""

@@ -265,7 +265,7 @@ class Machine:
 
     def device_for_minor(self, minor: int) -> Device | None:
         for d in self.devices.values():
-            if d.minor == minor and d.driver == "vfio-pci" and not d.removed:
+            if d.minor == minor and d.vfio_pci and not d.removed:
                 return d
         return None
 
@@ -273,7 +273,7 @@ class Machine:
 
     def group_has_vfio(self, gid: int) -> bool:
         g = self.groups.get(gid)
-        return g is not None and any(d.driver == "vfio-pci" for d in g.devices)
+        return g is not None and any(d.vfio_pci for d in g.devices)
 
     # --- shutdown -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from mock_vfio.config import (
 from mock_vfio.pci_reset import default_reset_methods, function_reset
 from mock_vfio.topology import Bar, BridgeSpec, FunctionSpec, split_addr
 from mock_vfio.uapi import PAGE
+from mock_vfio.version import VFIO_PCI_CORE, KernelVersion
 from mock_vfio.vfio_pci_mmap import BarMaps, RwSem, fault_in_bars, zap_bars
 
 if TYPE_CHECKING:
@@ -30,6 +31,15 @@ if TYPE_CHECKING:
     from mock_vfio.vfio_pci_devset import DevSet
 
 _MAP_NORESERVE = 0x4000
+
+
+def is_vfio_pci_driver(driver: str | None, version: KernelVersion) -> bool:
+    """vfio-pci, or a variant driver built on vfio_pci_core (5.15+), which registers its
+    devices the same way; the simulator knows a variant by its name, which every one of
+    them ends in ``_vfio_pci``."""
+    if driver == "vfio-pci":
+        return True
+    return driver is not None and driver.endswith("_vfio_pci") and version >= VFIO_PCI_CORE
 
 
 @dataclass(slots=True)
@@ -92,6 +102,11 @@ class Device:
     # --- static facts ------------------------------------------------------
 
     @property
+    def vfio_pci(self) -> bool:
+        """Bound to vfio-pci or a variant driver: a vfio_pci_core device."""
+        return is_vfio_pci_driver(self.driver, self.machine.kernel_version)
+
+    @property
     def is_vf(self) -> bool:
         return self.spec.physfn is not None
 
@@ -114,7 +129,7 @@ class Device:
     def _initial_command(self) -> int:
         if self.spec.command is not None:
             return self.spec.command
-        if self.driver == "vfio-pci" or self.driver is None:
+        if self.driver is None or self.vfio_pci:
             return 0
         return PCI_COMMAND_MEMORY | PCI_COMMAND_IO | PCI_COMMAND_MASTER
 

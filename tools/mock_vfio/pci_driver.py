@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mock_vfio.config import PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
-from mock_vfio.pci import Device
+from mock_vfio.pci import Device, is_vfio_pci_driver
 from mock_vfio.topology import FunctionSpec, split_addr
 from mock_vfio.trace import Event, now, oserror, thread_name
 from mock_vfio.vfio_group import Group
@@ -55,7 +55,7 @@ def add_function(machine: Machine, spec: FunctionSpec) -> Device:
         from mock_vfio.devices import make_model
 
         dev.model = make_model(spec.model, dev)
-    if dev.driver == "vfio-pci":
+    if dev.vfio_pci:
         vfio_register(machine, dev)
     return dev
 
@@ -63,12 +63,13 @@ def add_function(machine: Machine, spec: FunctionSpec) -> Device:
 def bind(machine: Machine, dev: Device, driver: str) -> None:
     if dev.driver is not None:
         raise oserror(errno.EBUSY, f"{dev.addr} is bound to {dev.driver}")
-    if driver == "vfio-pci" and dev.numvfs:
+    vfio = is_vfio_pci_driver(driver, machine.kernel_version)
+    if vfio and dev.numvfs:
         # vfio_pci_core_register_device refuses a PF with VFs enabled
         raise oserror(errno.EBUSY, f"{dev.addr} has SR-IOV enabled")
     machine.host.probing(dev, driver)  # the driver's probe, on the writer's thread
     dev.driver = driver
-    if driver == "vfio-pci":
+    if vfio:
         vfio_register(machine, dev)
         dev.set_command(0, "bind")
     else:
@@ -80,9 +81,9 @@ def bind(machine: Machine, dev: Device, driver: str) -> None:
 def unbind(machine: Machine, dev: Device) -> None:
     if dev.driver is None:
         raise oserror(errno.ENODEV, f"{dev.addr} has no driver")
-    if dev.driver == "vfio-pci" and dev.open_count:
+    if dev.vfio_pci and dev.open_count:
         _request_release(machine, dev)
-    if dev.driver == "vfio-pci":
+    if dev.vfio_pci:
         vfio_unregister(machine, dev)
     old = dev.driver
     machine.host.removing(dev, old)  # the driver's remove, on the writer's thread
@@ -134,6 +135,8 @@ def probe(machine: Machine, dev: Device) -> None:
 def known_drivers(machine: Machine) -> list[str]:
     names = {"vfio-pci", "pcieport", "pci-stub"}
     for d in machine.devices.values():
+        if d.spec.driver:  # a topology's own binding (a variant driver) is a loaded module
+            names.add(d.spec.driver)
         if d.spec.native_driver:
             names.add(d.spec.native_driver)
         if d.spec.vf_native_driver:  # the VF driver's module is loaded with the PF's
@@ -167,7 +170,7 @@ def finish_remove(machine: Machine, dev: Device) -> None:
         dev.model.stop()
     if machine.devices.get(dev.addr) is dev:
         del machine.devices[dev.addr]
-    if dev.driver == "vfio-pci":
+    if dev.vfio_pci:
         vfio_unregister(machine, dev)
     grp = machine.groups.get(dev.group_id)
     if grp is not None and dev in grp.devices:

@@ -124,7 +124,7 @@ def device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None:
         "resource": lambda: _resource(dev),
         "numa_node": lambda: "-1\n",
         "enable": lambda: (
-            "1\n" if dev.open_count or dev.driver not in (None, "vfio-pci") else "0\n"
+            "1\n" if dev.open_count or not (dev.driver is None or dev.vfio_pci) else "0\n"
         ),
         "irq": lambda: "16\n" if s.interrupt_pin and not dev.is_vf else "0\n",
         "local_cpulist": lambda: "0-3\n",
@@ -161,7 +161,7 @@ def device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None:
     if name == "driver":
         return Link(up(depth) + f"bus/pci/drivers/{dev.driver}") if dev.driver else None
     if name == "vfio-dev":
-        if dev.driver == "vfio-pci" and m.cdev:
+        if dev.vfio_pci and m.cdev:
             return Dir([f"vfio{dev.minor}"])
         return None
     if s.sriov_total:

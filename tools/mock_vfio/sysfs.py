@@ -20,6 +20,7 @@ from mock_vfio.pci_driver import bind, known_drivers, probe, unbind
 from mock_vfio.pci_sysfs import bridge_entry, device_entry, device_listing, write_enable_sriov
 from mock_vfio.topology import norm_addr, split_addr
 from mock_vfio.trace import oserror
+from mock_vfio.version import VFIO_PCI_CORE
 
 if TYPE_CHECKING:
     from mock_vfio.machine import Machine
@@ -168,7 +169,7 @@ def lookup(m: Machine, p: list[str]) -> Node | None:
                 return Dir(functools.partial(device_listing, m, dev))
             rest = p[i + 1 :]
             if rest[0] == "vfio-dev":
-                if dev.driver != "vfio-pci" or not m.cdev:
+                if not dev.vfio_pci or not m.cdev:
                     return None
                 if len(rest) == 1:
                     return Dir([f"vfio{dev.minor}"])
@@ -241,12 +242,17 @@ def lookup(m: Machine, p: list[str]) -> Node | None:
         }
         if m.iommufd:
             mods["iommufd"] = {}
+        if m.kernel_version >= VFIO_PCI_CORE:
+            mods["vfio_pci_core"] = {"disable_idle_d3": "N"}
         if n == 1:
             return Dir(sorted(mods))
         if p[1] not in mods:
             return None
+        if p[1] == "vfio_pci_core" and n >= 3 and p[2] == "holders":
+            # the modules that use it: vfio_pci and every variant driver loaded
+            return Dir(_core_holders(m)) if n == 3 else None
         if n == 2:
-            return Dir(["parameters"])
+            return Dir(["holders", "parameters"] if p[1] == "vfio_pci_core" else ["parameters"])
         if p[2] != "parameters":
             return None
         if n == 3:
@@ -257,6 +263,15 @@ def lookup(m: Machine, p: list[str]) -> Node | None:
                 return Attr(lambda: val + "\n", lambda v: write_enable_sriov(m, v))
             return Attr(lambda: val + "\n")
     return None
+
+
+def _core_holders(m: Machine) -> list[str]:
+    names = {"vfio_pci"}
+    for d in list(m.devices.values()):
+        for drv in (d.driver, d.spec.driver):
+            if drv is not None and drv.endswith("_vfio_pci"):
+                names.add(drv)  # a variant driver's module bears its name
+    return sorted(names)
 
 
 def _group_members(m: Machine, gid: int) -> list[str]:

@@ -21,6 +21,9 @@ DEVICE_FEATURE = (5, 7)
 # vfio-pci's memory_lock: BAR mappings zapped and BAR access refused (SIGBUS, EIO) while the
 # user's PCI_COMMAND_MEMORY is clear (abafbc551fdd).
 MMIO_BLOCKING = (5, 8)
+# vfio_pci_core.ko: vfio-pci's core as a library, on which the variant drivers (mlx5_vfio_pci,
+# hisi_acc_vfio_pci, ...) register their devices as vfio-pci does (7fa005caa35e).
+VFIO_PCI_CORE = (5, 15)
 # vfio-pci's per-device-set locking replaced the global driver_lock.
 DEVSET_LOCKING = (5, 0)
 # The reset path stopped taking every device set's lock at once.

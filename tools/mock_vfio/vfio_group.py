@@ -50,7 +50,7 @@ class Group:
         # iommu_group_dma_owner_claimed(): a device bound to a kernel driver that
         # uses the DMA API claims the group; vfio-pci and pci-stub do not.
         return all(
-            d.driver in (None, "vfio-pci", "pci-stub") for d in self.devices if not d.removed
+            d.driver in (None, "pci-stub") or d.vfio_pci for d in self.devices if not d.removed
         )
 
 
@@ -133,7 +133,7 @@ class GroupFile(File):
     def _find(self, name: str) -> Device:
         base = name.split()[0] if name.split() else ""
         for d in self.group.devices:
-            if d.addr == base and not d.removed and d.driver == "vfio-pci":
+            if d.addr == base and not d.removed and d.vfio_pci:
                 return d
         raise oserror(errno.ENODEV, f"no device {name!r} in group {self.group.id}")
 

@@ -132,7 +132,7 @@ def bus_reset(machine: Machine, ds: DevSet, cause: str) -> bool:
 def device_open(machine: Machine, dev: Device, pid: int) -> None:
     """``vfio_df_open``: open_count and, on the first open, ``vfio_pci_core_enable``."""
     with locked(machine, dev, "open"):
-        if dev.removed or dev.driver != "vfio-pci" or dev.unbinding:
+        if dev.removed or not dev.vfio_pci or dev.unbinding:
             raise oserror(errno.ENODEV, dev.addr)
         dev.open_count += 1
         if dev.open_count > 1:
