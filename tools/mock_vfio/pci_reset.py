@@ -115,12 +115,15 @@ def do_reset(
     machine.counters.add(f"resets.cause.{cause}")
 
 
-def function_reset(machine: Machine, dev: Device, cause: str, method: str | None = None) -> bool:
-    """``pci_try_reset_function``: False when no method works (-ENOTTY)."""
+def function_reset(
+    machine: Machine, dev: Device, cause: str, method: str | None = None, *, wait: bool = False
+) -> bool:
+    """``pci_try_reset_function``: False when no method works (-ENOTTY), EAGAIN when the
+    device is locked; with ``wait``, ``pci_reset_function``, which waits for the lock."""
     m = method or function_reset_method(dev)
     if m is None or dev.removed:
         return False
-    if not dev.reset_lock.acquire(blocking=False):
+    if not dev.reset_lock.acquire(blocking=wait):
         raise oserror(errno.EAGAIN, f"{dev.addr}: reset in progress")
     try:
         do_reset(machine, [dev], m, cause, dev.devset.name if dev.devset else None)

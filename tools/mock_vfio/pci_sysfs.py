@@ -103,7 +103,7 @@ def write_enable_sriov(m: Machine, data: str) -> None:
 def _write_reset(m: Machine, dev: Device, data: str) -> None:
     if data.strip() != "1":
         raise oserror(errno.EINVAL, "reset")
-    if not function_reset(m, dev, "sysfs"):
+    if not function_reset(m, dev, "sysfs", wait=True):  # reset_store: pci_reset_function
         raise oserror(errno.ENOTTY, f"{dev.addr} has no reset method")
 
 
