@@ -35,7 +35,7 @@ from mock_vfio.uapi import (
 from mock_vfio.version import DEVICE_FEATURE, IOEVENTFD, LOW_POWER
 from mock_vfio.vfio_pci_hot_reset import VfioPciHotReset
 from mock_vfio.vfio_pci_intrs import VfioPciIntrs
-from mock_vfio.vfio_pci_mmap import zap_bars
+from mock_vfio.vfio_pci_mmap import user_memory_enabled, zap_bars
 from mock_vfio.vfio_pci_rdwr import VfioPciRdwr
 from vfiopy._uapi import (
     FEATURE_MASK,
@@ -319,15 +319,19 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
         return 0
 
     def _ioeventfd_write(self, bar: int, pos: int, value: bytes) -> None:
-        """vfio_pci_ioeventfd_thread: the write, dropped while memory decoding is off."""
+        """vfio_pci_ioeventfd_handler and _thread: a memory BAR's write under memory_lock
+        (waiting out a reset), dropped while the user's MEMORY is clear."""
         dev = self.dev
         spec = dev.bar(bar)
-        if dev.removed or spec is None or (not spec.is_io and not dev.memory_enabled()):
+        if dev.removed or spec is None:
             return
-        self.machine.counters.add("ioeventfd_writes")
-        if dev.model is not None and dev.model.mmio_write(bar, pos, value):
-            return
-        dev.bar_memory(bar)[pos : pos + len(value)] = value
+        with dev.memory_lock.read():
+            if not spec.is_io and not user_memory_enabled(dev):
+                return
+            self.machine.counters.add("ioeventfd_writes")
+            if dev.model is not None and dev.model.mmio_write(bar, pos, value):
+                return
+            dev.bar_memory(bar)[pos : pos + len(value)] = value
 
     def mmap(self, proc: SimProcess, length: int, offset: int, prot: int, flags: int) -> int:
         dev = self._check_access()
