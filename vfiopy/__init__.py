@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from vfiopy.kernel import LinuxKernel as LinuxKernel
     from vfiopy.pci import Capability as Capability
     from vfiopy.pci import ConfigSpace as ConfigSpace
+    from vfiopy.region import Caching as Caching
     from vfiopy.region import Mapping as Mapping
     from vfiopy.region import Region as Region
     from vfiopy.session import Backend as Backend
@@ -86,7 +87,7 @@ else:
             "vfiopy.irq": ("Irq",),
             "vfiopy.kernel": ("Kernel", "LinuxKernel"),
             "vfiopy.pci": ("Capability", "ConfigSpace"),
-            "vfiopy.region": ("Mapping", "Region"),
+            "vfiopy.region": ("Caching", "Mapping", "Region"),
             "vfiopy.session": ("Backend", "Session"),
             "vfiopy.sysfs": ("PciAddress", "Sysfs"),
         },

@@ -50,7 +50,7 @@ from vfiopy.hotreset import hot_reset_info
 from vfiopy.irq import Irq
 from vfiopy.kernel import O_RDWR, Kernel
 from vfiopy.pci import COMMAND, Command, ConfigSpace
-from vfiopy.region import Region
+from vfiopy.region import Caching, Region, retire_write_combined, write_combined_devices
 from vfiopy.sysfs import PciAddress, Sysfs
 
 if TYPE_CHECKING:
@@ -219,6 +219,7 @@ class Device(Closable):
             r = self._regions.get(index)
             if r is None:
                 r = Region(self.kernel, self.fd, self.name, index, self._guard)
+                r.owner = self
                 if index == PciRegion.CONFIG:
                     r.write_check = self._check_config_write
                 self._regions[index] = r
@@ -233,15 +234,19 @@ class Device(Closable):
         """
         if not off <= COMMAND < off + len(data) or data[COMMAND - off] & Command.MEMORY:
             return
+        bars = [(i, r) for i, r in sorted(self._regions.items()) if i <= PciRegion.BAR5]
         live = [
             f"BAR{i}"
-            for i, r in sorted(self._regions.items())
-            if i <= PciRegion.BAR5 and any(not m.closed for m in r.mappings)
+            for i, r in bars
+            if any(not m.closed and m.caching is not Caching.WC_SYSFS for m in r.mappings)
         ]
-        if not live:
+        wc = any(m.caching is Caching.WC_SYSFS for _, r in bars for m in r.mappings)
+        if not live and not wc:
             return
         current = int.from_bytes(self.region(PciRegion.CONFIG).read(COMMAND, 2), "little")
-        if current & Command.MEMORY:
+        if not current & Command.MEMORY:
+            return
+        if live:
             raise RegionError(
                 errno.EBUSY,
                 self.name,
@@ -251,6 +256,13 @@ class Device(Closable):
                 advice="close the mappings first (Mapping.close or Region.close), or keep "
                 "MEMORY set (ConfigSpace.enable_bus_master keeps it)",
             )
+        # The kernel does not zap resourceN_wc mappings when decoding goes off: retire them.
+        self.retire_write_combined("a config write clearing PCI_COMMAND_MEMORY")
+
+    def retire_write_combined(self, why: str) -> int:
+        """Retire this device's ``resourceN_wc`` mappings (:class:`Caching` ``WC_SYSFS``)
+        before ``why``: vfio-pci zaps only its own mappings.  How many it retired."""
+        return sum(r.retire_write_combined(why) for r in list(self._regions.values()))
 
     def regions(self) -> list[Region]:
         """The device's regions (absent BARs have size 0; an absent VGA region is left out)."""
@@ -285,6 +297,7 @@ class Device(Closable):
         advice = None
         if not self.info.flags & DeviceFlag.RESET:
             advice = "the device has no function reset; use hot_reset() (slot or bus reset)"
+        self.retire_write_combined("VFIO_DEVICE_RESET")
         with self._guard.hold(ResetError) as fd:
             ioctl(
                 self.kernel,
@@ -310,6 +323,7 @@ class Device(Closable):
         """
         if groups is None:
             groups = [self.group] if self.group is not None else []  # cdev: zero-length
+        self._retire_for_hot_reset()
         try:
             with contextlib.ExitStack() as held:
                 # The kernel gets the groups' numbers: none may be closed (and
@@ -337,6 +351,19 @@ class Device(Closable):
             if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
                 exc.detail = self._dependents_text()
             raise
+
+    def _retire_for_hot_reset(self) -> None:
+        """Retire the ``resourceN_wc`` mappings of every device the reset will reach, mapped
+        by whichever Device object (the affected list is asked for only when any exist)."""
+        why = "VFIO_DEVICE_PCI_HOT_RESET"
+        self.retire_write_combined(why)
+        if not write_combined_devices():
+            return
+        try:
+            affected = [str(d.address) for d in self.hot_reset_info()]
+        except VfioError:
+            return  # the reset itself will fail the same way and say why
+        retire_write_combined(affected, why)
 
     def _dependents_text(self) -> str | None:
         try:
@@ -390,6 +417,9 @@ class Device(Closable):
         return bytes(ffi.buffer(s.p.data, len(data)))
 
     def feature_set(self, feature: int, data: bytes) -> None:
+        if feature in (Feature.LOW_POWER_ENTRY, Feature.LOW_POWER_ENTRY_WITH_WAKEUP):
+            # vfio-pci zaps its own BAR mappings on entry, not resourceN_wc ones.
+            self.retire_write_combined("low-power entry")
         self._feature(feature | FeatureFlag.SET, data, f"set feature {feature}")
 
     def set_ioeventfd(self, offset: int, data: int, width: int, fd: int) -> None:

@@ -23,6 +23,9 @@ outside a BAR) only ENOTTY is taken for "not supported".
   (``ConfigSpace.enable_bus_master``).
 - DMA-BUF export of BAR slices (``VFIO_DEVICE_FEATURE_DMA_BUF``, feature 11, Linux 6.19):
   probed only.
+- write-combining BAR mappings: none.  vfio-pci maps every BAR uncached and no mainline
+  kernel has a write-combining feature or DMA-BUF attribute yet; the DMA-BUF probe only
+  sharpens the error (:func:`require_vfio_write_combining`).
 - migration (``VFIO_DEVICE_FEATURE_MIGRATION``, Linux 6.0): GET gives the migration flags;
   only devices whose driver implements migration (a variant driver such as
   ``mlx5_vfio_pci``) have it, plain vfio-pci answers ENOTTY.
@@ -45,6 +48,7 @@ from vfiopy.kmodel import IOEVENTFD, LOW_POWER, format_version
 
 if TYPE_CHECKING:
     from vfiopy.device import Device
+    from vfiopy.region import Region
 
 DMA_BUF = 11  # VFIO_DEVICE_FEATURE_DMA_BUF (Linux 6.19), kept here for older headers
 _CLEAR_MASTER, _SET_MASTER = 0, 1  # struct vfio_device_feature_bus_master.op
@@ -129,6 +133,32 @@ def require_dma_buf(device: Device) -> None:
             detail="DMA-BUF export is not supported by this kernel or driver",
             advice=f"it needs {_OFFERED_BY['DMA-BUF export']}",
         )
+
+
+def require_vfio_write_combining(region: Region) -> None:
+    """Raise :class:`FeatureNotSupportedError` unless the kernel maps ``region`` (a
+    prefetchable BAR) write-combining through VFIO, which no mainline kernel does yet.
+
+    The DMA-BUF probe (a region of a :class:`Device` only) says which of the two is missing:
+    the export itself, or only its write-combining attribute."""
+    bar = f"BAR{region.index}"
+    if region.owner is not None and region.owner.feature_probe(DMA_BUF, get=True):
+        have = (
+            "it exports BAR slices as DMA-BUFs (VFIO_DEVICE_FEATURE_DMA_BUF) but with no "
+            "write-combining attribute"
+        )
+    else:
+        have = "it has neither a write-combining VFIO feature nor DMA-BUF export of BARs"
+    raise FeatureNotSupportedError(
+        errno.ENOTTY,
+        region.device,
+        f"mmap {bar} write-combining",
+        detail=f"write-combining {bar} through VFIO is not supported by this kernel: "
+        f"vfio-pci maps every BAR uncached and {have}",
+        advice=f"map it through sysfs with caching='wc-sysfs' (resource{region.index}_wc, "
+        "as root; vfiopy retires it around its own resets, the kernel does not), or "
+        "uncached (the default)",
+    )
 
 
 def probe_features(device: Device) -> FeatureSupport:
@@ -318,5 +348,6 @@ __all__ = [
     "probe_features",
     "register_ioeventfd",
     "require_dma_buf",
+    "require_vfio_write_combining",
     "set_bus_master",
 ]

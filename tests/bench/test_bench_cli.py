@@ -170,6 +170,18 @@ def test_mmio_is_reported(tmp_path: Path) -> None:
     assert code == 0
     assert doc["mmio"]["ns_per_call"] > 0
     assert doc["mmio"]["calls"] > 0
+    # The GPU's BAR1 is prefetchable: both write rows, write-combining through resource1_wc.
+    m = doc["mmio"]
+    assert m["write_region"] == 1 and m["write_wc_unavailable"] is None
+    assert m["write_uncached_mbps"] > 0 and m["write_wc_mbps"] > 0
+
+
+def test_mmio_write_row_without_a_prefetchable_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--simulate", "nvme:1", "--time-scale", "0", "--modes", "c", "--mmio"]
+    assert _cli.run(argv) == 0
+    out = capsys.readouterr().out
+    assert "uncached" in out and "write-combining not measured: no prefetchable BAR" in out
+    assert "ordinary memory either way" in out
 
 
 def test_table_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:

@@ -175,8 +175,8 @@ def test_vfiopy_simulate_environment(
             f"{NIC}: find device failed: ENODEV (No such device); it is 8086:10d3, not 1234:11e8",
         ),
         (
-            "0000:09:00.0",
-            "0000:09:00.0: find device failed: ENODEV (No such device); no PCI device",
+            "0000:0a:00.0",
+            "0000:0a:00.0: find device failed: ENODEV (No such device); no PCI device",
         ),
         ("not-an-address", "'not-an-address' is not a PCI address"),
     ],

@@ -178,12 +178,12 @@ def test_sysfs_answers_what_a_library_asks(qemu: Machine) -> None:
     p = qemu.spawn()
     base = f"/sys/bus/pci/devices/{NICS[0]}"
     assert p.readlink(base) == f"../../../devices/pci0000:00/0000:00:02.0/{NICS[0]}"
-    assert p.readlink(f"{base}/iommu_group") == "../../../../kernel/iommu_groups/12"
+    assert p.readlink(f"{base}/iommu_group") == "../../../../kernel/iommu_groups/13"
     assert p.readlink(f"{base}/driver").endswith("/bus/pci/drivers/vfio-pci")
     assert p.read_text(f"{base}/reset_method") == "bus\n"
     assert p.read_text(f"{base}/vendor") == "0x8086\n"
     assert p.read_text(f"{base}/driver_override") == "(null)\n"
-    assert p.listdir("/sys/kernel/iommu_groups/18/devices") == PAIR
+    assert p.listdir("/sys/kernel/iommu_groups/19/devices") == PAIR
     assert p.listdir(f"{base}/vfio-dev") == ["vfio0"]
     assert p.exists("/dev/vfio/devices/vfio0") and p.exists("/dev/iommu")
     assert p.access(f"{base}/driver_override", os.W_OK)
@@ -239,7 +239,7 @@ def test_proc_fd_links(qemu: Machine) -> None:
     c, g, d = open_device(p, NICS[0])
     fds = p.listdir(f"/proc/{p.getpid()}/fd")
     assert fds == [str(c), str(g), str(d)]
-    assert p.readlink(f"/proc/{p.pid}/fd/{g}") == "/dev/vfio/12"
+    assert p.readlink(f"/proc/{p.pid}/fd/{g}") == "/dev/vfio/13"
     assert p.readlink(f"/proc/{p.pid}/fd/{c}") == "/dev/vfio/vfio"
     assert p.readlink(f"/proc/self/fd/{d}") == "anon_inode:[vfio-device]"
 

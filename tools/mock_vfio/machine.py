@@ -60,6 +60,7 @@ class Machine:
         msix_dynamic: bool | None = None,
         iova_pgsizes: int = IOVA_PGSIZES,
         hugepages: dict[int, int] | None = None,
+        io_strict_devmem: bool = True,
     ) -> None:
         # The models not chosen explicitly follow the modelled kernel version.
         self.kernel_version = check_version(kernel_version)
@@ -86,6 +87,10 @@ class Machine:
         # Before Linux 4.16 the MSI-X table page was cut out of the BAR's mmap with a
         # sparse-mmap capability; since then the BAR maps whole and says MSIX_MAPPABLE.
         self.msix_sparse = msix_sparse
+        # CONFIG_IO_STRICT_DEVMEM (Debian and Ubuntu kernels set it): a BAR claimed by a
+        # driver cannot be mmapped through sysfs (EINVAL) and a claim revokes the sysfs
+        # mappings already made (a later access is SIGBUS; counted here as wc_revoked).
+        self.io_strict_devmem = io_strict_devmem
         # From 6.5 (e4163438e015, 6c8017c6a58d) MSI-X vectors can be added while others are
         # live where the platform allocates them dynamically (pci_msix_can_alloc_dyn; x86
         # does); NORESIZE is then clear.  False models a platform that cannot.

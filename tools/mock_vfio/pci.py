@@ -98,6 +98,11 @@ class Device:
         self.vfs: list[Device] = []
         self.numvfs = 0
         self.lock = threading.Lock()  # protects irq state
+        # BARs vfio-pci has claimed (vfio_pci_core_setup_barmap: the first mmap, read or
+        # write of the BAR through VFIO; given back at the last release), and the open
+        # resourceN_wc files of this device (pci_sysfs.SysfsResourceFile).
+        self.claimed_bars: set[int] = set()
+        self.wc_files: list[Any] = []
 
     # --- static facts ------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """A PCI function's and a bridge's sysfs attributes (drivers/pci/pci-sysfs.c, iov.c's
-``sriov_*``), the ``vfio_pci`` module parameters a write can change, and the ``config``
-attribute opened for ``pread``."""
+``sriov_*``), the ``vfio_pci`` module parameters a write can change, the ``config``
+attribute opened for ``pread`` and ``resourceN_wc`` opened for ``mmap``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mock_vfio.file import File
-from mock_vfio.kernfs import Attr, Dir, Link, Node, up
+from mock_vfio.kernfs import Attr, DevNode, Dir, Link, Node, up
 from mock_vfio.pci_driver import remove_device
 from mock_vfio.pci_reset import default_reset_methods, function_reset, method_works
 from mock_vfio.trace import oserror
+from mock_vfio.uapi import PAGE
 
 if TYPE_CHECKING:
     from mock_vfio.machine import Machine
@@ -140,6 +141,16 @@ def device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None:
         return Attr(simple[name])
     if name == "config":
         return Attr(lambda: dev.config.read(0, s.cfg_size).decode("latin-1"), binary=True)
+    if name.startswith("resource") and name.endswith("_wc"):
+        # pci_create_resource_files: resourceN_wc only for prefetchable memory BARs
+        num = name[len("resource") : -len("_wc")]
+        bar = dev.bar(int(num)) if num in ("0", "1", "2", "3", "4", "5") else None
+        if bar is None or bar.is_io or not bar.prefetch:
+            return None
+        from mock_vfio.sysfs import device_syspath
+
+        path = f"{device_syspath(m, dev)}/{name}"
+        return DevNode(lambda proc: SysfsResourceFile(m, dev, bar.index, path))
     if name == "driver_override":
         return Attr(
             lambda: (dev.driver_override or "(null)") + "\n", lambda v: _write_override(dev, v)
@@ -225,6 +236,7 @@ def device_listing(m: Machine, dev: Device) -> list[str]:
         "sriov_drivers_autoprobe",
         "physfn",
     ]
+    names += [f"resource{i}_wc" for i in range(6)]
     names += [f"virtfn{i}" for i in range(len(dev.vfs))]
     return [n for n in names if device_entry(m, dev, n, 4) is not None]
 
@@ -273,3 +285,43 @@ class SysfsConfigFile(File):
         if offset >= cs:
             return b""
         return self.dev.config.read(offset, min(size, cs - offset))
+
+
+class SysfsResourceFile(File):
+    """``resourceN_wc``: the BAR mmapped write-combining, file offset = BAR offset."""
+
+    kind = "sysfs"
+
+    def __init__(self, machine: Machine, dev: Device, index: int, path: str) -> None:
+        super().__init__(machine)
+        self.dev = dev
+        self.index = index
+        self.path = path
+        self.maps = 0  # live mappings of this file, in every process
+        dev.wc_files.append(self)
+
+    def link(self) -> str:
+        return self.path
+
+    def device(self) -> Device | None:
+        return self.dev
+
+    def mmap(self, proc: SimProcess, length: int, offset: int, prot: int, flags: int) -> int:
+        dev = self.dev
+        if dev.removed:
+            raise oserror(errno.ENODEV, dev.addr)
+        if self.index in dev.claimed_bars and self.machine.io_strict_devmem:
+            # pci_mmap_resource: iomem_is_exclusive() of a region a driver holds
+            raise oserror(errno.EINVAL, f"BAR {self.index} is claimed by a driver")
+        bar = dev.bar(self.index)
+        pages = (bar.size + PAGE - 1) // PAGE if bar is not None else 0
+        if length <= 0 or offset % PAGE or offset // PAGE + (length + PAGE - 1) // PAGE > pages:
+            raise oserror(errno.EINVAL, "pci_mmap_fits")  # the kernel WARNs too
+        self.maps += 1
+        return dev.bar_address(self.index) + offset
+
+    def unmap(self, addr: int, length: int) -> None:
+        self.maps -= 1
+
+    def release(self, pid: int) -> None:
+        self.dev.wc_files.remove(self)

@@ -36,7 +36,7 @@ from mock_vfio.version import DEVICE_FEATURE, IOEVENTFD, LOW_POWER
 from mock_vfio.vfio_pci_hot_reset import VfioPciHotReset
 from mock_vfio.vfio_pci_intrs import VfioPciIntrs
 from mock_vfio.vfio_pci_mmap import user_memory_enabled, zap_bars
-from mock_vfio.vfio_pci_rdwr import VfioPciRdwr
+from mock_vfio.vfio_pci_rdwr import VfioPciRdwr, setup_barmap
 from vfiopy._uapi import (
     FEATURE_MASK,
     VFIO_PCI_NUM_REGIONS,
@@ -354,6 +354,7 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
             o <= pos and pos + length <= o + s for o, s in self._sparse_areas(size)
         ):
             raise oserror(errno.EINVAL, "mmap over the MSI-X table")
+        setup_barmap(self.machine, dev, index)
         return dev.maps.map(index, dev.bar_address(index), pos, length)
 
     def unmap(self, addr: int, length: int) -> None:

@@ -195,6 +195,7 @@ def device_close(machine: Machine, dev: Device, pid: int) -> None:
                     d.needs_reset = False
         dev.open_count -= 1
         dev.dma = None
+        dev.claimed_bars.clear()  # vfio_pci_core_disable releases the BAR regions
         machine.record(
             Event("release", t0, now(), thread_name(), dev.addr, ds.name if ds else None, pid=pid)
         )

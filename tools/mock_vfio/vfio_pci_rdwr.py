@@ -20,7 +20,20 @@ from mock_vfio.vfio_device import VfioDeviceFile
 from mock_vfio.vfio_pci_mmap import fault_in_bars, user_memory_enabled, zap_bars
 
 if TYPE_CHECKING:
+    from mock_vfio.machine import Machine
+    from mock_vfio.pci import Device
     from mock_vfio.process import SimProcess
+
+
+def setup_barmap(machine: Machine, dev: Device, index: int) -> None:
+    """``vfio_pci_core_setup_barmap``: the first VFIO access of a BAR claims its region;
+    under IO_STRICT_DEVMEM the claim revokes every sysfs mapping of it (``revoke_iomem``)."""
+    if index in dev.claimed_bars:
+        return
+    dev.claimed_bars.add(index)
+    live = sum(f.maps for f in dev.wc_files if f.index == index)
+    if machine.io_strict_devmem and live:
+        machine.counters.add("wc_revoked", live)
 
 
 class VfioPciRdwr(VfioDeviceFile):
@@ -114,6 +127,7 @@ class VfioPciRdwr(VfioDeviceFile):
                 return None, n
             # __vfio_pci_memory_enabled(): BAR access with decoding off fails
             raise oserror(errno.EIO, "PCI_COMMAND_MEMORY is clear")
+        setup_barmap(self.machine, dev, index)
         return dev.bar_memory(index), n
 
     def _mask_msix(self, index: int, pos: int, data: bytearray, mem: Any) -> bool:

@@ -734,7 +734,8 @@ def host_main(args: argparse.Namespace) -> int:
         facts = json.loads(out.read_text())
         facts["boot_seconds"] = guest.boot_seconds
         facts["ready_uptime"] = guest.guest_ready_uptime
-        facts["qemu_devices"] = [a for a in lay.qemu_args if a != "-device"]
+        pairs = zip(lay.qemu_args[::2], lay.qemu_args[1::2], strict=True)
+        facts["qemu_devices"] = [v if f == "-device" else f"{f} {v}" for f, v in pairs]
     if args.json:
         Path(args.json).write_text(json.dumps(facts, indent=1))
     rows = [(d.bdf, d.role, d.ids, d.bridge) for d in lay.devices]

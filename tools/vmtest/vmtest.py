@@ -22,8 +22,15 @@ Device layout (fixed; addresses come from the firmware's bus numbering, verified
           to-PCI)                                            reset only, MSI, DMA engine; shares
                                                              its IOMMU group with the bridge,
                                                              whose shpchp driver is unbound
+  00:06.0           n+3  0000:<n+3>:00.0 ivshmem-plain       BAR0 registers (non-prefetchable),
+                         (1af4:1110)                         BAR2 1 MiB of shared RAM, 64-bit
+                                                             prefetchable (write-combining);
+                                                             reset_method `bus`
 
-with n = number of single e1000e (default 6: NICs on buses 01-06, the pair on 07, edu on 08).
+with n = number of single e1000e (default 6: NICs on buses 01-06, the pair on 07, edu on 08,
+ivshmem on 09).  ivshmem's port came last so no earlier device moved; being on bus 0 it takes
+an IOMMU group number before the devices behind the ports (theirs are one higher than
+without it).
 The 9p shares are virtio devices at 00:08.0 (host root) and 00:09.0 (results directory).
 
 Guarding against host drivers: e1000e is not in the initramfs and nothing loads modules on
@@ -101,6 +108,7 @@ INSTALL_HINT = "install with `sudo tools/vmtest/install-deps.sh`"
 GUEST_PYTHON = "/usr/bin/python3"
 E1000E_ID = "8086:10d3"
 EDU_ID = "1234:11e8"
+IVSHMEM_ID = "1af4:1110"
 # Each root port needs a 4 KiB I/O window for the e1000e's I/O BAR; x86 has 64 KiB of I/O
 # ports. With 13 single NICs (15 windows with the pair's port and edu's bridge) SeaBIOS hangs.
 MAX_E1000E = 12
@@ -135,7 +143,7 @@ class GuestCommandError(VmError):
 @dataclasses.dataclass(frozen=True)
 class GuestDevice:
     name: str  # QEMU device id
-    role: str  # "e1000e", "mf" or "edu"
+    role: str  # "e1000e", "mf", "edu" or "ivshmem"
     bdf: str  # guest PCI address
     ids: str  # vendor:device
     bridge: str  # upstream bridge in the guest
@@ -199,6 +207,17 @@ def layout(e1000e_count: int = 6) -> Layout:
     devices.append(
         GuestDevice("edu", "edu", f"0000:{edu_bus:02x}:01.0", EDU_ID, "0000:00:05.0", None)
     )
+    ivshmem_bus = e1000e_count + 3
+    # No I/O window for this port (ivshmem has no I/O BAR): SeaBIOS runs out of I/O space
+    # with too many (see MAX_E1000E).
+    args += ["-device", "pcie-root-port,id=rpivshmem,bus=pcie.0,addr=0x6.0,chassis="
+             f"{MAX_E1000E + 2},io-reserve=0"]  # fmt: skip
+    args += ["-object", "memory-backend-ram,id=ivmem,size=1M"]
+    args += ["-device", "ivshmem-plain,id=ivshmem,memdev=ivmem,bus=rpivshmem,addr=0.0"]
+    devices.append(
+        GuestDevice("ivshmem", "ivshmem", f"0000:{ivshmem_bus:02x}:00.0", IVSHMEM_ID,
+                    "0000:00:06.0", "bus")
+    )  # fmt: skip
     # A PCIe-to-PCI bridge shares its group with the devices behind it. Its shpchp driver does
     # not declare driver-managed DMA (pcieport does), so while bound, the group is not viable.
     return Layout(tuple(devices), tuple(args), unbind=("0000:00:05.0",))

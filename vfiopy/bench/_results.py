@@ -69,17 +69,26 @@ class RunResult:
 
 @dataclass(slots=True)
 class MmioResult:
-    """Mapped-BAR ``read32`` cost: ``ns_per_call`` over ``calls`` reads of one register."""
+    """Mapped-BAR ``read32`` cost: ``ns_per_call`` over ``calls`` reads of one register;
+    and the write bandwidth of 4 KiB bursts into ``write_region`` mapped uncached and, where
+    the BAR is prefetchable and ``resourceN_wc`` maps, write-combining (MB/s, medians)."""
 
     device: str
     region: int
     calls: int
     ns_per_call: float
     backend: str
+    write_region: int | None = None
+    write_uncached_mbps: float | None = None
+    write_wc_mbps: float | None = None
+    write_wc_unavailable: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["ns_per_call"] = round(self.ns_per_call, 2)
+        for key in ("write_uncached_mbps", "write_wc_mbps"):
+            if out[key] is not None:
+                out[key] = round(out[key], 1)
         return out
 
 
