@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("mock_vfio.machine")
 
-from vfiopy.bench import _cli
+from vfiopy.bench import _cli, _sweep
 
 
 def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -125,7 +125,7 @@ def test_unwritable_json_path_fails_before_the_sweep(
     def no_sweep(*_: Any) -> None:
         raise AssertionError("the sweep ran")
 
-    monkeypatch.setattr(_cli, "run_sweep", no_sweep)
+    monkeypatch.setattr(_sweep, "run_sweep", no_sweep)
     path = tmp_path / where
     err = usage_error(["--simulate", "gpus:1", "--modes", "c", "--json", str(path)], capsys)
     assert err.strip().splitlines() == [
@@ -148,7 +148,7 @@ def test_an_interrupted_or_broken_sweep_is_still_one_json_document(
     def broken(*_: Any) -> None:
         raise fault
 
-    monkeypatch.setattr(_cli, "run_sweep", broken)
+    monkeypatch.setattr(_sweep, "run_sweep", broken)
     got, doc, err = run_json(["--simulate", "gpus:1", "--modes", "c", "--time-scale", "0"], capsys)
     assert "Traceback" in err if code == 1 else "interrupted" in err
     assert got == code

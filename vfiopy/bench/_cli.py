@@ -13,20 +13,17 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vfiopy._cliargs import Parser, finite, json_option
-from vfiopy.bench._modes import HOST_MODES, MODES, Mode, parse_mode
-from vfiopy.bench._progress import Progress
-from vfiopy.bench._report import (
-    PlotUnavailable,
-    check_plot_available,
-    format_summary,
-    write_plot,
-)
-from vfiopy.bench._results import SCHEMA, MmioResult, Sweep
-from vfiopy.bench._sweep import SystemFactory, plan, run_sweep
-from vfiopy.errors import VfioError
+from vfiopy.bench._modenames import HOST_MODES, SWEEP_MODES
+
+if TYPE_CHECKING:
+    from vfiopy.bench._results import MmioResult
+    from vfiopy.bench._sweep import SystemFactory
+
+# The modes, the sweep and its report are imported once the arguments are read: `--help`
+# needs only the modes' names, and importing the modes brings in the release machinery.
 
 KERNEL_MODELS = ("legacy", "devset")
 RESET_MODELS = ("pre-6.3", "current")
@@ -74,6 +71,8 @@ class _JsonOut:
 
     def error(self, message: str) -> None:
         """The document of a run that did not happen or did not finish."""
+        from vfiopy.bench._results import SCHEMA
+
         doc = {
             "schema": SCHEMA,
             "ok": False,
@@ -103,7 +102,8 @@ _positive.__name__ = "whole number >= 1"
 
 def _parser() -> Parser:
     modes = "; ".join(
-        f"{m.name} ({m.letter}): {m.about}" for m in (*MODES.values(), *HOST_MODES.values())
+        f"{name} ({letter}): {about}"
+        for name, (letter, about) in (*SWEEP_MODES.items(), *HOST_MODES.items())
     )
     p = Parser(
         prog="python -m vfiopy.bench",
@@ -133,7 +133,7 @@ def _parser() -> Parser:
         "--modes",
         metavar="MODE",
         nargs="+",
-        default=list(MODES),
+        default=list(SWEEP_MODES),
         help="modes to run, by name or letter (default: all)",
     )
     p.add_argument(
@@ -200,6 +200,7 @@ def _parser() -> Parser:
 
 def _real_group_count(addresses: list[str]) -> int:
     """How many IOMMU groups (the unit a run takes) the given real devices span."""
+    from vfiopy.errors import VfioError
     from vfiopy.kernel import LinuxKernel
     from vfiopy.sysfs import Sysfs
 
@@ -357,6 +358,17 @@ def _run(parser: Parser, argv: Sequence[str] | None, out: TextIO | None, sink: _
         return _startup(args, parser, out, sink)
     if args.dma is not None:
         return _dma(args, parser, out, sink)
+    from vfiopy.bench._modes import Mode, parse_mode
+    from vfiopy.bench._progress import Progress
+    from vfiopy.bench._report import (
+        PlotUnavailable,
+        check_plot_available,
+        format_summary,
+        write_plot,
+    )
+    from vfiopy.bench._results import Sweep
+    from vfiopy.bench._sweep import plan, run_sweep
+
     try:
         modes: list[Mode] = [parse_mode(m) for m in dict.fromkeys(args.modes)]
     except ValueError as exc:

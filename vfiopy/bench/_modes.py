@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from vfiopy.bench import _vfiopy
+from vfiopy.bench._modenames import HOST_MODES as HOST_NAMES
+from vfiopy.bench._modenames import SWEEP_MODES
 from vfiopy.bench._results import BRINGUP, TEARDOWN
 from vfiopy.bench._target import Group, System
 
@@ -196,30 +198,29 @@ class Mode:
     bound: Callable[[System], float] | None = None
 
 
+def _mode(
+    name: str,
+    phase: str,
+    run: Callable[[System], Window],
+    bound: Callable[[System], float] | None = None,
+    names: dict[str, tuple[str, str]] = SWEEP_MODES,
+) -> Mode:
+    letter, about = names[name]
+    return Mode(name, letter, phase, run, about, bound)
+
+
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("exit", "e", TEARDOWN, mode_exit, "one process holds all and exits"),
-        Mode("close", "c", TEARDOWN, mode_close, "close loop"),
-        Mode("threads", "t", TEARDOWN, mode_threads, "one thread per device fd"),
-        Mode("procs", "p", TEARDOWN, mode_procs, "one process per IOMMU group, exiting at once"),
-        Mode("vfiopy", "v", TEARDOWN, mode_vfiopy, "release manager, concurrent per domain"),
-        Mode(
-            "vfiopy-planned",
-            "V",
-            TEARDOWN,
-            mode_vfiopy_planned,
-            "release manager with the plan made beforehand",
-        ),
-        Mode("open", "o", BRINGUP, mode_open, "open loop"),
-        Mode("acquire", "a", BRINGUP, mode_acquire, "release manager's concurrent acquire"),
-        Mode(
-            "acquire-planned",
-            "A",
-            BRINGUP,
-            mode_acquire_planned,
-            "concurrent acquire with the plan made beforehand",
-        ),
+        _mode("exit", TEARDOWN, mode_exit),
+        _mode("close", TEARDOWN, mode_close),
+        _mode("threads", TEARDOWN, mode_threads),
+        _mode("procs", TEARDOWN, mode_procs),
+        _mode("vfiopy", TEARDOWN, mode_vfiopy),
+        _mode("vfiopy-planned", TEARDOWN, mode_vfiopy_planned),
+        _mode("open", BRINGUP, mode_open),
+        _mode("acquire", BRINGUP, mode_acquire),
+        _mode("acquire-planned", BRINGUP, mode_acquire_planned),
     )
 }
 
@@ -230,42 +231,14 @@ def _host_modes() -> dict[str, Mode]:
     from vfiopy.bench import _bringup as b
     from vfiopy.bench import _hostmodes as h
 
+    host = HOST_NAMES
     return {
         m.name: m
         for m in (
-            Mode(
-                "restore-parallel",
-                "r",
-                h.HOST,
-                h.mode_restore_parallel,
-                "vfiopy-bind restore: host drivers back, probes in parallel (simulator)",
-                h.bound_parallel,
-            ),
-            Mode(
-                "restore-serial",
-                "s",
-                h.HOST,
-                h.mode_restore_serial,
-                "the same one device at a time, as a serial reattach does (simulator)",
-                h.bound_serial,
-            ),
-            Mode(
-                "bringup",
-                "b",
-                BRINGUP,
-                b.mode_bringup,
-                "open, bus master, map BARs, MSI-X, device after device; no MEMORY flip of "
-                "vfiopy's own (simulator)",
-                b.bound_vfiopy,
-            ),
-            Mode(
-                "bringup-naive",
-                "n",
-                BRINGUP,
-                b.mode_bringup_naive,
-                "the same, sizing each BAR by writing it with decoding off (simulator)",
-                b.bound_naive,
-            ),
+            _mode("restore-parallel", h.HOST, h.mode_restore_parallel, h.bound_parallel, host),
+            _mode("restore-serial", h.HOST, h.mode_restore_serial, h.bound_serial, host),
+            _mode("bringup", BRINGUP, b.mode_bringup, b.bound_vfiopy, host),
+            _mode("bringup-naive", BRINGUP, b.mode_bringup_naive, b.bound_naive, host),
         )
     }
 
