@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from vfiopy.device import Device
     from vfiopy.region import Region
 
-DMA_BUF = 11  # VFIO_DEVICE_FEATURE_DMA_BUF (Linux 6.19), kept here for older headers
+DMA_BUF = 11  # VFIO_DEVICE_FEATURE_DMA_BUF (Linux 6.19, 5d74781ebc86), kept for older headers
 _CLEAR_MASTER, _SET_MASTER = 0, 1  # struct vfio_device_feature_bus_master.op
 _UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
 _UNKNOWN_TO_KERNEL = (errno.ENOTTY,)

@@ -40,6 +40,7 @@ from vfiopy._fdguard import FdGuard
 from vfiopy._log import get_logger
 from vfiopy._uapi import (
     MAP_SHARED,
+    PAGE_SIZE,
     PROT_READ,
     PROT_WRITE,
     Closable,
@@ -430,6 +431,10 @@ class Mapping(Closable):
     Safe to close while other threads access it: an access that passed its
     check just before the close reads 0 or writes nowhere, never faults.
 
+    ``size`` is the area's and bounds every access; ``length`` is what is mapped, whole
+    pages: a BAR smaller than a page is mapped as its page (the rest of which vfio-pci
+    reserves), and nothing past ``size`` is reachable through the accessors.
+
     ``caching`` is what the mapping got (:class:`Caching`).  A ``WC_SYSFS``
     mapping that vfiopy retired before a reset (see :meth:`Region.mmap`) is
     closed; its accesses raise EBADF naming the reason.
@@ -455,6 +460,7 @@ class Mapping(Closable):
         "_w64",
         "addr",
         "caching",
+        "length",
         "offset",
         "region",
         "revocable",
@@ -479,12 +485,14 @@ class Mapping(Closable):
             PROT_WRITE if flags & RegionFlag.WRITE else 0
         )
         where = f"region {region.index} area [{area.offset:#x}, +{area.size:#x})"
+        # Whole pages: vfio-pci maps a BAR smaller than a page (4.7+) as its page.
+        self.length = -(-area.size // PAGE_SIZE) * PAGE_SIZE
         if caching is Caching.WC_SYSFS:
-            self.addr = _map_resource_wc(region, area, prot, where)
+            self.addr = _map_resource_wc(region, area, self.length, prot, where)
         else:
             with raise_as(RegionError, region.device, "mmap", where):
                 self.addr = region.kernel.mmap(
-                    region.fd, area.size, region.offset + area.offset, prot, MAP_SHARED
+                    region.fd, self.length, region.offset + area.offset, prot, MAP_SHARED
                 )
         self.caching = caching
         self.region = region
@@ -621,12 +629,12 @@ class Mapping(Closable):
         with raise_as(RegionError, self.region.device, "munmap", f"region {self.region.index}"):
             if isinstance(kernel, RemapKernel):
                 try:
-                    kernel.remap_anonymous(self.addr, self.size)
+                    kernel.remap_anonymous(self.addr, self.length)
                     self._reserved = True
                     return
                 except OSError:
                     pass  # unmap after all: the device's release matters more
-            kernel.munmap(self.addr, self.size)
+            kernel.munmap(self.addr, self.length)
 
     def retire(self, why: str, advice: str = _REMAP_ADVICE) -> None:
         """Close before ``why`` (a reset, memory disable...), so that later accesses say so
@@ -644,7 +652,7 @@ class Mapping(Closable):
             self._reserved = False
             # Nothing can raise out of a finaliser; a failure leaves zero pages mapped.
             with contextlib.suppress(OSError):
-                self.region.kernel.munmap(self.addr, self.size)
+                self.region.kernel.munmap(self.addr, self.length)
 
     def __repr__(self) -> str:
         return (
@@ -668,9 +676,9 @@ _WC_MMAP_ADVICE = {
 }
 
 
-def _map_resource_wc(region: Region, area: Area, prot: int, where: str) -> int:
-    """mmap ``area`` of ``resourceN_wc`` (file offset = BAR offset); the fd is closed at
-    once, the mapping keeps the file."""
+def _map_resource_wc(region: Region, area: Area, length: int, prot: int, where: str) -> int:
+    """mmap ``length`` bytes (``area`` in whole pages) of ``resourceN_wc`` (file offset = BAR
+    offset); the fd is closed at once, the mapping keeps the file."""
     from vfiopy.sysfs import Sysfs
 
     kernel = region.kernel
@@ -683,7 +691,7 @@ def _map_resource_wc(region: Region, area: Area, prot: int, where: str) -> int:
             exc, region.device, step, path, _WC_OPEN_ADVICE.get(exc.errno or 0)
         ) from exc
     try:
-        return kernel.mmap(fd, area.size, area.offset, prot, MAP_SHARED)
+        return kernel.mmap(fd, length, area.offset, prot, MAP_SHARED)
     except OSError as exc:
         raise RegionError.from_oserror(
             exc,

@@ -32,6 +32,8 @@ import structlog
 
 from vfiopy import Container, Device, Group, Session, Sysfs
 from vfiopy._uapi import (
+    MAP_SHARED,
+    PROT_READ,
     DeviceFlag,
     Extension,
     Ioctl,
@@ -41,10 +43,11 @@ from vfiopy._uapi import (
     PciRegion,
     Struct,
     ffi,
+    lib,
 )
 from vfiopy.kernel import EFD_NONBLOCK, O_RDWR, POLLIN, Kernel
 from vfiopy.pci import CapId, ExtCapId
-from vfiopy.region import Mapping
+from vfiopy.region import Mapping, Region
 
 # The devices of tools/vmtest's guest (vmtest.layout() with 6 NICs) and of the simulator's
 # qemu-vmtest topology.
@@ -52,6 +55,9 @@ NIC = "0000:01:00.0"
 NIC2 = "0000:02:00.0"
 PAIR = ("0000:07:00.0", "0000:07:00.1")
 EDU = "0000:08:01.0"
+IVSHMEM = "0000:09:00.0"  # ivshmem-plain: BAR0 its 256 bytes of registers, BAR2 1 MiB of RAM
+# ivshmem's registers (QEMU hw/misc/ivshmem.c)
+IVSHMEM_INTRMASK, IVSHMEM_INTRSTATUS, IVSHMEM_IVPOSITION = 0x0, 0x4, 0x8
 PF_EXITING = 0x4  # task flag in /proc/PID/stat (include/linux/sched.h)
 EDU_ID = 0x010000ED  # edu's identification register (BAR0 0x00): version 1.0
 PCI_COMMAND = 0x04
@@ -276,6 +282,17 @@ def errnos(kernel: Kernel, probe: ResetProbe) -> Json:
     return out
 
 
+def region_json(r: Region) -> Json:
+    return {
+        "size": r.size,
+        "offset": r.offset,
+        "flags": int(r.flags),
+        "sparse": None if r.sparse is None else [[a.offset, a.size] for a in r.sparse],
+        "msix_mappable": r.msix_mappable,
+        "type": None if r.type is None else list(r.type),
+    }
+
+
 def region_info(kernel: Kernel, probe: ResetProbe) -> Json:
     """Every region of an e1000e and of edu: size, offset, flags, caps, mmap areas."""
     out: Json = {}
@@ -284,19 +301,46 @@ def region_info(kernel: Kernel, probe: ResetProbe) -> Json:
         with opened(kernel, bdf) as (_, _, (dev,)):
             for index in range(dev.info.num_regions):
                 try:
-                    r = dev.region(index)
+                    regions[str(index)] = region_json(dev.region(index))
                 except OSError as exc:
                     regions[str(index)] = {"errno": exc.errno}
-                    continue
-                regions[str(index)] = {
-                    "size": r.size,
-                    "offset": r.offset,
-                    "flags": int(r.flags),
-                    "sparse": None if r.sparse is None else [[a.offset, a.size] for a in r.sparse],
-                    "msix_mappable": r.msix_mappable,
-                    "type": None if r.type is None else list(r.type),
-                }
         out[bdf] = regions
+    return out
+
+
+def subpage_bar(kernel: Kernel, probe: ResetProbe) -> Json:
+    """ivshmem's 256-byte BAR0, which starts a page: mappable from Linux 4.7, as its whole
+    page; BAR2 (1 MiB) for comparison.  The registers read through the mapping, IntrMask
+    written and read back; vfiopy's accessors stop at the BAR's end, the kernel's pread and a
+    second page refuse, and a raw load past the BAR within the page reads the reserved rest.
+    """
+    out: Json = {}
+    with opened(kernel, IVSHMEM) as (_, _, (dev,)):
+        bar0, bar2 = dev.region(PciRegion.BAR0), dev.region(PciRegion.BAR2)
+        out["bar0"], out["bar2"] = region_json(bar0), region_json(bar2)
+        out["bar0_areas"] = [[a.offset, a.size] for a in bar0.areas]
+        m = bar0.mmap()
+        try:
+            out["map_size"], out["map_length"] = m.size, m.length
+            out["intrmask"] = m.read32(IVSHMEM_INTRMASK)
+            out["intrstatus"] = m.read32(IVSHMEM_INTRSTATUS)
+            out["ivposition"] = m.read32(IVSHMEM_IVPOSITION)
+            m.write32(IVSHMEM_INTRMASK, 0x5A5A_A5A5)
+            out["intrmask_written"] = m.read32(IVSHMEM_INTRMASK)
+            m.write32(IVSHMEM_INTRMASK, 0)
+            out["read_at_end"] = errno_of(lambda: m.read32(bar0.size))
+            out["read_last"] = errno_of(lambda: m.read32(bar0.size - 4))
+            out["past_bar"] = [lib.vfiopy_read32(m.addr + off) for off in (bar0.size, 0xFFC)]
+        finally:
+            m.close()
+        out["pread_past_bar"] = errno_of(lambda: kernel.pread(dev.fd, 4, bar0.offset + bar0.size))
+
+        def map_second_page() -> None:
+            kernel.munmap(
+                kernel.mmap(dev.fd, 4096, bar0.offset + 4096, PROT_READ, MAP_SHARED), 4096
+            )
+
+        out["mmap_second_page"] = errno_of(map_second_page)
     return out
 
 
@@ -550,6 +594,7 @@ SCENARIOS: dict[str, Scenario] = {
     "open_close": open_close,
     "errnos": errnos,
     "region_info": region_info,
+    "subpage_bar": subpage_bar,
     "irq_info": irq_info,
     "config_space": config_space,
     "bar_mmio": bar_mmio,

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import pytest
 from mock_vfio import Machine, load_topology
+from mock_vfio.topology_load import parse_toml
 
 from vfiopy import Session
-from vfiopy._uapi import PciRegion
+from vfiopy._uapi import MAP_SHARED, PAGE_SIZE, PROT_READ, PciRegion, RegionFlag
+from vfiopy.errors import RegionError
 from vfiopy.features import enter_low_power, exit_low_power
 
 from .conftest import EDU
+
+IVSHMEM = "0000:09:00.0"  # BAR0: 256 bytes, page aligned
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "conformance"
 if str(CONFORMANCE) not in sys.path:
@@ -95,3 +99,82 @@ def test_views_go_with_munmap_and_with_the_exit(linux61: Machine) -> None:
     assert device.maps.count() == 1
     vmm.exit()
     assert device.maps.count() == 0 and device.open_count == 0
+
+
+@pytest.mark.parametrize("version", [(4, 6), (4, 7), (6, 1)], ids=["4.6", "4.7", "6.1"])
+def test_subpage_bar_maps_as_its_page_from_4_7(version: tuple[int, int]) -> None:
+    """05f0c03fbac1: ivshmem's 256-byte BAR0 is mappable from 4.7, the whole page mapped,
+    vfiopy's accessors bounded by the BAR; before, no MMAP flag and no mappable area."""
+    machine = Machine(load_topology("qemu-vmtest"), time_scale=0.0, kernel_version=version)
+    try:
+        with Session(machine.spawn()) as s:
+            dev = s.open_device(IVSHMEM)
+            region = dev.region(PciRegion.BAR0)
+            assert region.size == 0x100
+            if version < (4, 7):
+                assert region.flags == RegionFlag.READ | RegionFlag.WRITE and not region.areas
+                with pytest.raises(RegionError) as info:
+                    region.mmap()
+                assert info.value.errno == errno.EINVAL
+                return
+            assert region.flags == RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP
+            bar = region.mmap()
+            assert (bar.size, bar.length) == (0x100, PAGE_SIZE)
+            bar.write32(0xFC, 0xA5A5_5A5A)
+            assert region.read(0xFC, 4) == (0xA5A5_5A5A).to_bytes(4, "little")
+            for off in (0x100, 0xFFC):
+                with pytest.raises(RegionError) as info:
+                    bar.read32(off)
+                assert info.value.errno == errno.EINVAL
+            assert machine.device(IVSHMEM).maps.count() == 1
+            bar.close()
+            assert machine.device(IVSHMEM).maps.count() == 0
+    finally:
+        machine.close()
+
+
+def test_a_short_mmap_is_a_page_and_munmap_takes_it_back(linux61: Machine) -> None:
+    """mmap(2) and munmap(2) round the length to a page: a caller asking for the BAR's 256
+    bytes gets its page, and unmapping 256 bytes at that address removes it."""
+    device = linux61.device(IVSHMEM)
+    with Session(linux61.spawn()) as s:
+        dev = s.open_device(IVSHMEM)
+        offset = dev.region(PciRegion.BAR0).offset
+        addr = s.kernel.mmap(dev.fd, 0x100, offset, PROT_READ, MAP_SHARED)
+        assert device.maps.count() == 1
+        with pytest.raises(OSError) as info:
+            s.kernel.mmap(dev.fd, 0x100, offset + PAGE_SIZE, PROT_READ, MAP_SHARED)
+        assert info.value.errno == errno.EINVAL
+        s.kernel.munmap(addr, 0x100)
+        assert device.maps.count() == 0
+
+
+SUBPAGE_TOPOLOGY = """
+[[device]]
+addr = "0000:01:00.0"
+iommu_group = 1
+bars = [
+  { index = 0, size = 0x100 },
+  { index = 1, size = 0x100, page_offset = 0x800 },
+  { index = 2, size = 0x100, type = "io" },
+  { index = 3, size = 0x2000 },
+]
+"""
+
+
+def test_only_a_page_aligned_memory_bar_below_a_page_is_mappable() -> None:
+    """A sub-page BAR inside a page (its page may hold another BAR) and an I/O BAR are not
+    mappable; the page-aligned one and the 8 KiB BAR are."""
+    machine = Machine(parse_toml(SUBPAGE_TOPOLOGY), time_scale=0.0, kernel_version=(6, 1))
+    try:
+        bases = machine.device("0000:01:00.0").host_bars
+        assert bases[0] % 4096 == 0 and bases[1] % 4096 == 0x800
+        with Session(machine.spawn()) as s:
+            dev = s.open_device("0000:01:00.0")
+            mappable = {i: bool(dev.region(i).flags & RegionFlag.MMAP) for i in range(4)}
+            assert mappable == {0: True, 1: False, 2: False, 3: True}
+            with pytest.raises(RegionError) as info:
+                dev.region(1).mmap()
+            assert info.value.errno == errno.EINVAL
+    finally:
+        machine.close()

@@ -55,6 +55,16 @@ BAD = {
         DEVICE.format(addr="0000:01:00.0") + f"bars = [{{ index = 0, size = {1 << 62} }}]\n",
         "is not 0 to 2^48 bytes",
     ),
+    "page-offset-of-a-page-bar": (
+        DEVICE.format(addr="0000:01:00.0")
+        + "bars = [{ index = 0, size = 0x1000, page_offset = 0x100 }]\n",
+        "page_offset must be a multiple of a sub-page memory BAR's size",
+    ),
+    "page-offset-unaligned": (
+        DEVICE.format(addr="0000:01:00.0")
+        + "bars = [{ index = 0, size = 0x100, page_offset = 0x80 }]\n",
+        "page_offset must be a multiple of a sub-page memory BAR's size",
+    ),
     "huge-rom": (DEVICE.format(addr="0000:01:00.0") + "rom_size = -1\n", "rom_size size -1"),
     "slot": (DEVICE.format(addr="0000:01:20.0"), "outside a PCI segment"),
     "cycle": (

@@ -20,7 +20,7 @@ from mock_vfio.config import (
 )
 from mock_vfio.pci_reset import default_reset_methods, function_reset
 from mock_vfio.topology import Bar, BridgeSpec, FunctionSpec, split_addr
-from mock_vfio.uapi import PAGE
+from mock_vfio.uapi import PAGE, page_align
 from mock_vfio.version import VFIO_PCI_CORE, KernelVersion
 from mock_vfio.vfio_pci_mmap import BarMaps, RwSem, fault_in_bars, zap_bars
 
@@ -150,8 +150,7 @@ class Device:
             mem = self._bar_mem.get(index)
             if mem is None:
                 bar = self.bar(index)
-                size = max(bar.size if bar else PAGE, PAGE)
-                size = (size + PAGE - 1) & ~(PAGE - 1)
+                size = page_align(max(bar.size if bar else 0, PAGE))
                 flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
                 mem = mmap.mmap(-1, size, flags=flags)
                 self._bar_mem[index] = mem

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from mock_vfio.config import PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from mock_vfio.pci import Device, is_vfio_pci_driver
-from mock_vfio.topology import FunctionSpec, split_addr
+from mock_vfio.topology import Bar, FunctionSpec, split_addr
 from mock_vfio.trace import Event, now, oserror, thread_name
+from mock_vfio.uapi import PAGE, page_align
 from mock_vfio.vfio_group import Group
 from mock_vfio.vfio_pci_devset import vfio_register, vfio_unregister
 
@@ -23,18 +24,26 @@ if TYPE_CHECKING:
 REQUEST_INTERVAL = 10.0
 
 
+def _mem_base(top: int, b: Bar) -> tuple[int, int]:
+    """(base, new top) of memory BAR ``b`` allocated at ``top``: naturally aligned, and a
+    sub-page BAR at ``page_offset`` into a page of its own (see :class:`Bar`)."""
+    if b.size < PAGE:
+        base = page_align(top) + b.page_offset
+        return base, page_align(base + b.size)
+    base = (top + b.size - 1) & ~(b.size - 1)
+    return base, base + b.size
+
+
 def _alloc_bars(machine: Machine, dev: Device) -> None:
     for b in dev.spec.bars:
-        size = max(b.size, 16)
         if b.is_io:
+            size = max(b.size, 16)
             base = (machine._io_next + size - 1) & ~(size - 1)
             machine._io_next = base + size
         elif b.is_64 and b.prefetch:
-            base = (machine._mmio64_next + size - 1) & ~(size - 1)
-            machine._mmio64_next = base + size
+            base, machine._mmio64_next = _mem_base(machine._mmio64_next, b)
         else:
-            base = (machine._mmio_next + size - 1) & ~(size - 1)
-            machine._mmio_next = base + size
+            base, machine._mmio_next = _mem_base(machine._mmio_next, b)
         dev.host_bars[b.index] = base
     if dev.spec.rom_size:
         size = dev.spec.rom_size

@@ -25,6 +25,7 @@ from mock_vfio.pci import Device
 from mock_vfio.pci_sysfs import SysfsConfigFile
 from mock_vfio.sched import TaskSched, running
 from mock_vfio.trace import oserror
+from mock_vfio.uapi import page_align
 from mock_vfio.vfio_container import ContainerFile
 from mock_vfio.vfio_group import GroupFile
 from mock_vfio.vfio_pci_core import DeviceFile
@@ -229,7 +230,7 @@ class SimProcess:
         addr = f.mmap(self, length, offset, prot, flags)
         with self._lock:
             _get(self.machine, f)  # a mapping keeps the file (and the device) open
-            self._maps.append((addr, length, f))
+            self._maps.append((addr, page_align(length), f))  # the VMA: whole pages
         return addr
 
     def munmap(self, addr: int, length: int) -> None:
@@ -244,6 +245,7 @@ class SimProcess:
         if host:
             _HOST.munmap(addr, length)
             return
+        length = page_align(length)  # munmap(2) unmaps whole pages
         with self._lock:
             hit = None
             for i in range(len(self._maps) - 1, -1, -1):

@@ -39,10 +39,15 @@ def make_addr(bus: int, slot: int, fn: int, domain: int = 0) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Bar:
+    """A BAR.  A memory BAR smaller than a page starts a page of its own, as firmware that
+    gives the device its own bridge window places it; ``page_offset`` puts it that far into
+    its page instead (another resource's page, which vfio-pci will not mmap)."""
+
     index: int
     size: int
     kind: str = "mem32"  # "mem32" | "mem64" | "io"
     prefetch: bool = False
+    page_offset: int = 0
 
     @property
     def is_io(self) -> bool:

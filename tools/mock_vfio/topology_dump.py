@@ -52,6 +52,8 @@ def _bar(b: Bar, full: bool) -> str:
     s = f"{{ index = {b.index}, size = {_int(b.size)}, type = {_str(b.kind)}"
     if b.prefetch or full:
         s += f", prefetch = {_bool(b.prefetch)}"
+    if b.page_offset:
+        s += f", page_offset = {_int(b.page_offset)}"
     return s + " }"
 
 

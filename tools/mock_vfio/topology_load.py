@@ -20,6 +20,7 @@ from mock_vfio.topology import (
     validate,
 )
 from mock_vfio.topology_gen import gpus, nvme, vfs
+from mock_vfio.uapi import PAGE
 
 MAX_FILE_BYTES = 16 << 20
 # The largest N whose addresses fit one PCI segment (bus numbers 0-255).
@@ -123,7 +124,14 @@ def _bars(t: _Table, key: str, default: list[dict[str, Any]] | None = None) -> t
         index = b.integer("index")
         if not 0 <= index <= 5:
             raise b._bad("index", "0 to 5")
-        bars.append(Bar(index, b.integer("size"), kind, b.boolean("prefetch", False)))
+        size, page_offset = b.integer("size"), b.integer("page_offset", 0)
+        if page_offset and (
+            kind == "io" or size >= PAGE or page_offset % size or page_offset >= PAGE
+        ):
+            raise b._bad(
+                "page_offset", f"a multiple of a sub-page memory BAR's size below {PAGE:#x}"
+            )
+        bars.append(Bar(index, size, kind, b.boolean("prefetch", False), page_offset))
     return tuple(bars)
 
 

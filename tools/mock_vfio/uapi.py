@@ -16,6 +16,13 @@ from mock_vfio.trace import oserror
 from vfiopy._uapi import Ioctl, ffi
 
 PAGE = 4096
+
+
+def page_align(n: int) -> int:
+    """``PAGE_ALIGN``: ``n`` rounded up to a whole page."""
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
 OFFSET_SHIFT = 40
 OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
 CONFIG_INDEX = 7

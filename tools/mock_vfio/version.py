@@ -14,6 +14,10 @@ KernelVersion = tuple[int, int]
 # Debian 12's kernel.
 DEFAULT_KERNEL_VERSION: KernelVersion = (6, 1)
 
+# vfio_pci_probe_mmaps: a memory BAR smaller than a page is mappable when it starts on a page
+# boundary; vfio-pci reserves the rest of the page ("vfio sub-page reserved") so that no other
+# BAR lands there (05f0c03fbac1).  Before it only BARs of a page or more are.
+SUBPAGE_MMAP = (4, 7)
 # VFIO_DEVICE_IOEVENTFD (30656177c408): before it the ioctl is ENOTTY.
 IOEVENTFD = (4, 17)
 # The VFIO_DEVICE_FEATURE ioctl itself: before it, ENOTTY.

@@ -28,11 +28,12 @@ from mock_vfio.uapi import (
     addr_of,
     as_struct,
     check_argsz,
+    page_align,
     put_caps,
     sizeof,
     u32_at,
 )
-from mock_vfio.version import DEVICE_FEATURE, IOEVENTFD, LOW_POWER
+from mock_vfio.version import DEVICE_FEATURE, IOEVENTFD, LOW_POWER, SUBPAGE_MMAP
 from mock_vfio.vfio_pci_hot_reset import VfioPciHotReset
 from mock_vfio.vfio_pci_intrs import VfioPciIntrs
 from mock_vfio.vfio_pci_mmap import user_memory_enabled, zap_bars
@@ -136,7 +137,7 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
         if bar is None:
             return 0, 0, caps
         flags = RegionFlag.READ | RegionFlag.WRITE
-        if not bar.is_io and bar.size >= PAGE:
+        if self._bar_mmap_supported(index):
             flags |= RegionFlag.MMAP
             m = dev.spec.msix
             if m is not None and m.table_bar == index:
@@ -150,6 +151,19 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
             if caps.buf:
                 flags |= RegionFlag.CAPS
         return flags, bar.size, caps
+
+    def _bar_mmap_supported(self, index: int) -> bool:
+        """``vfio_pci_probe_mmaps``: a memory BAR of a page or more; from 4.7 (05f0c03fbac1)
+        also a smaller one that starts a page, whose rest vfio-pci reserves so that the page
+        is the BAR's alone.  A BAR inside a page is not: where it lies in the page is
+        unknown to the user and the page may hold another device's registers."""
+        bar = self.dev.bar(index)
+        if bar is None or bar.is_io or not bar.size:
+            return False
+        if bar.size >= PAGE:
+            return True
+        aligned = not self.dev.host_bars[index] & (PAGE - 1)
+        return aligned and self.machine.kernel_version >= SUBPAGE_MMAP
 
     def _sparse_areas(self, size: int) -> list[tuple[int, int]]:
         m = self.dev.spec.msix
@@ -339,14 +353,15 @@ class DeviceFile(VfioPciHotReset, VfioPciRdwr, VfioPciIntrs):
             raise oserror(errno.EINVAL, "vfio mmap must be MAP_SHARED")
         if length <= 0 or offset & (PAGE - 1):
             raise oserror(errno.EINVAL, "mmap length/offset")
+        length = page_align(length)  # the VMA's, whatever the caller asked
         index, pos = offset >> OFFSET_SHIFT, offset & OFFSET_MASK
         if index >= ROM_INDEX:
             raise oserror(errno.EINVAL, f"region {index} is not mappable")
         fl, size, _ = self.region(index)
         if not fl & RegionFlag.MMAP:
             raise oserror(errno.EINVAL, f"region {index} is not mappable")
-        phys = (size + PAGE - 1) & ~(PAGE - 1)
-        if pos + length > phys:
+        # A sub-page BAR maps its whole page: past the BAR lies the reserved rest of it.
+        if pos + length > page_align(size):
             raise oserror(errno.EINVAL, "mmap past the BAR")
         msix = dev.spec.msix
         sparse = self.machine.msix_sparse and msix is not None and msix.table_bar == index

@@ -22,7 +22,7 @@ from mock_vfio.machine import Machine
 from mock_vfio.pci import Device
 from mock_vfio.process import SimProcess
 from mock_vfio.trace import oserror
-from mock_vfio.uapi import PAGE
+from mock_vfio.uapi import page_align
 from vfiopy._uapi import (
     MAP_ANONYMOUS,
     MAP_SHARED,
@@ -237,5 +237,6 @@ def _map_bar(p: SimProcess, fd: int, ri: Struct) -> None:
                 areas = [(int(a.offset), int(a.size)) for a in sp.areas[0 : sp.nr_areas]]
     for offset, size in areas:
         if size:
-            length = (size + PAGE - 1) & ~(PAGE - 1)
-            p.mmap(fd, length, int(ri.p.offset) + offset, PROT_READ | PROT_WRITE, MAP_SHARED)
+            p.mmap(
+                fd, page_align(size), int(ri.p.offset) + offset, PROT_READ | PROT_WRITE, MAP_SHARED
+            )
