@@ -26,7 +26,6 @@ from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
 from vfiopy.kmodel import label as reset_label
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
-from vfiopy.release._manager import _nothing
 from vfiopy.release._plan import Plan, UsageError, make_plan
 from vfiopy.release._process import (
     ProcessGone,
@@ -323,7 +322,7 @@ async def release_files(
 
 def planned_report(t: Takeover) -> Report:
     """What :func:`release_files` would do, every file reported skipped (``--dry-run``)."""
-    jobs = _jobs(t, lambda _k, _f: _nothing)
+    jobs = _jobs(t, lambda _k, _f: lambda: None)  # closes nothing
     report = Report("release", [j.domain for j in jobs], [r for j in jobs for r in j.results()])
     report.pid = t.pid
     report.files = [FileResult(f.kind, f.link, list(f.fds)) for f in _others(t)]
