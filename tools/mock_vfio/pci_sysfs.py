@@ -5,6 +5,7 @@ attribute opened for ``pread`` and ``resourceN_wc`` opened for ``mmap``."""
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -113,32 +114,35 @@ def _write_remove(m: Machine, dev: Device, data: str) -> None:
         remove_device(m, dev.addr)
 
 
+# Read-only attributes of a function, by name: a table, not closures made at every lookup
+# (a path walk looks an attribute up far more often than it reads it).
+_SIMPLE: dict[str, Callable[[Device], str]] = {
+    "vendor": lambda d: _hex(d.spec.vendor, 4),
+    "device": lambda d: _hex(d.spec.device, 4),
+    "class": lambda d: _hex(d.spec.class_code, 6),
+    "subsystem_vendor": lambda d: _hex(d.spec.subsystem_vendor, 4),
+    "subsystem_device": lambda d: _hex(d.spec.subsystem_device, 4),
+    "revision": lambda d: _hex(d.spec.revision, 2),
+    "resource": _resource,
+    "numa_node": lambda d: "-1\n",
+    "enable": lambda d: "1\n" if d.open_count or not (d.driver is None or d.vfio_pci) else "0\n",
+    "irq": lambda d: "16\n" if d.spec.interrupt_pin and not d.is_vf else "0\n",
+    "local_cpulist": lambda d: "0-3\n",
+    "power_state": lambda d: "D3hot\n" if d.low_power else "D0\n",
+    "current_link_speed": lambda d: _SPEED_NAMES.get(d.spec.link_speed, "Unknown") + "\n",
+    "max_link_speed": lambda d: _SPEED_NAMES.get(d.spec.link_speed, "Unknown") + "\n",
+    "current_link_width": lambda d: f"{d.spec.link_width}\n",
+    "max_link_width": lambda d: f"{d.spec.link_width}\n",
+}
+
+
 def device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None:
     s = dev.spec
-    simple: dict[str, Callable[[], str]] = {
-        "vendor": lambda: _hex(s.vendor, 4),
-        "device": lambda: _hex(s.device, 4),
-        "class": lambda: _hex(s.class_code, 6),
-        "subsystem_vendor": lambda: _hex(s.subsystem_vendor, 4),
-        "subsystem_device": lambda: _hex(s.subsystem_device, 4),
-        "revision": lambda: _hex(s.revision, 2),
-        "resource": lambda: _resource(dev),
-        "numa_node": lambda: "-1\n",
-        "enable": lambda: (
-            "1\n" if dev.open_count or not (dev.driver is None or dev.vfio_pci) else "0\n"
-        ),
-        "irq": lambda: "16\n" if s.interrupt_pin and not dev.is_vf else "0\n",
-        "local_cpulist": lambda: "0-3\n",
-        "power_state": lambda: "D3hot\n" if dev.low_power else "D0\n",
-        "current_link_speed": lambda: _SPEED_NAMES.get(s.link_speed, "Unknown") + "\n",
-        "max_link_speed": lambda: _SPEED_NAMES.get(s.link_speed, "Unknown") + "\n",
-        "current_link_width": lambda: f"{s.link_width}\n",
-        "max_link_width": lambda: f"{s.link_width}\n",
-    }
-    if name in simple:
+    read = _SIMPLE.get(name)
+    if read is not None:
         if not s.pcie and "link" in name:
             return None
-        return Attr(simple[name])
+        return Attr(functools.partial(read, dev))
     if name == "config":
         return Attr(lambda: dev.config.read(0, s.cfg_size).decode("latin-1"), binary=True)
     if name.startswith("resource") and name.endswith("_wc"):

@@ -122,7 +122,7 @@ def lookup(m: Machine, p: list[str]) -> Node | None:
             return Dir(["devices", "drivers", "drivers_autoprobe", "drivers_probe", "rescan"])
         if p[2] == "devices":
             if n == 3:
-                return Dir(sorted(list(m.bridges) + list(m.devices)))
+                return Dir(lambda: sorted([*m.bridges, *m.devices]))
             if n == 4 and (p[3] in m.devices or p[3] in m.bridges):
                 return Link("../../../" + "/".join(_real(m, p[3])))
             return None

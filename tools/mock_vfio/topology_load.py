@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +219,8 @@ def _bridge(t: _Table) -> BridgeSpec:
 
 def parse_toml(text: str, name: str = "custom") -> Topology:
     """A topology file's text; :class:`TopologyError` names what is wrong where."""
+    import tomllib  # here: the generated topologies (gpus:N, ...) need no TOML
+
     try:
         data = _Table(tomllib.loads(text), name)
     except tomllib.TOMLDecodeError as exc:
@@ -234,6 +234,8 @@ def parse_toml(text: str, name: str = "custom") -> Topology:
 
 
 def topology_dir() -> Path:
+    from importlib import resources  # here: the generated topologies need no files
+
     return Path(str(resources.files("mock_vfio") / "topologies"))
 
 

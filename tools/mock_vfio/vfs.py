@@ -72,6 +72,16 @@ def _follow(parts: list[str], i: int, link: Link) -> list[str]:
 
 def _through_link(proc: SimProcess, parts: list[str], path: str) -> list[str]:
     """The path with its first symlink followed; ENOENT/ENOTDIR when there is none."""
+    # The lookups serve no path through a symlink, so the longest prefix they answer is the
+    # first symlink when there is one; most paths asked for have it near their end
+    # (/sys/bus/pci/devices/ADDR/ATTR), so look from there, not from the root.
+    for i in range(len(parts) - 1, 0, -1):
+        node = _lookup(proc, parts[:i])
+        if isinstance(node, Link):
+            return _follow(parts, i, node)
+        if node is not None:
+            break
+    # No symlink: which component is missing or not a directory.
     for i in range(1, len(parts)):
         node = _lookup(proc, parts[:i])
         if node is None:
