@@ -6,6 +6,7 @@ otherwise, so machine-readable results on stdout stay clean.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any, TextIO
@@ -32,6 +33,14 @@ def configure_cli_logging(level: int = logging.WARNING, stream: TextIO | None = 
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+def defer_cli_logging(level: int = logging.WARNING, stream: TextIO | None = None) -> None:
+    """:func:`configure_cli_logging` at vfiopy's first event at ``level`` or above: a run
+    that logs nothing at that level (``-q``) never imports structlog."""
+    from vfiopy._log import defer_configuration
+
+    defer_configuration(level, functools.partial(configure_cli_logging, level, stream))
 
 
 def verbosity_level(verbose: int, quiet: bool = False, default: int = logging.WARNING) -> int:

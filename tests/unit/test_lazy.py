@@ -75,3 +75,17 @@ def test_help_imports_nothing_heavy(tool: str, heavy: tuple[str, ...]) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == []
+
+
+def test_a_quiet_release_imports_no_structlog() -> None:
+    pytest.importorskip("mock_vfio")
+    code = (
+        "import sys\n"
+        "from vfiopy.release import cli\n"
+        "code = cli.main(['--simulate', 'gpus:2,scale=0', '--simulate-vmm', '-q'])\n"
+        "print(code, 'structlog' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["0", "False"]

@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 
 from vfiopy._cliargs import JsonOut, Parser, finite, json_option
-from vfiopy._log import get_logger
+from vfiopy._log import forget_deferred_configuration, get_logger
 from vfiopy.errors import AddressError
 from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, ProgressFn
 from vfiopy.release._report import (
@@ -175,15 +175,17 @@ def build_parser() -> Parser:
 # --- output ------------------------------------------------------------------------------
 
 
-def configure_logging(verbose: int, quiet: bool, stream: TextIO) -> None:
-    """Events on ``stream`` (stderr); JSON lines carry the per-device events when not on a TTY."""
+def configure_logging(verbose: int, quiet: bool, stream: TextIO, defer: bool = False) -> None:
+    """Events on ``stream`` (stderr); JSON lines carry the per-device events when not on a TTY.
+    ``defer``: structlog is set up at the first event kept (the caller forgets it at its end)."""
     import logging  # here: --help need not import logging (nor structlog)
 
-    from vfiopy.logsetup import configure_cli_logging, verbosity_level
+    from vfiopy.logsetup import configure_cli_logging, defer_cli_logging, verbosity_level
 
     # On a TTY the progress line says what the per-device events would.
     default = logging.WARNING if stream.isatty() else logging.INFO
-    configure_cli_logging(verbosity_level(verbose, quiet, default), stream)
+    setup = defer_cli_logging if defer else configure_cli_logging
+    setup(verbosity_level(verbose, quiet, default), stream)
 
 
 @dataclass
@@ -391,6 +393,8 @@ def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int
             if args.json and not _out.written:
                 _json_error(f"internal error: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
+        finally:
+            forget_deferred_configuration()  # a set-up no event asked for ends with the run
 
 
 def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
@@ -399,7 +403,7 @@ def _main(args: argparse.Namespace, kernel: Kernel | None) -> int:
     from vfiopy.release._process import parse_signal
 
     err = sys.stderr
-    configure_logging(args.verbose, args.quiet, err)
+    configure_logging(args.verbose, args.quiet, err, defer=True)
     if args.simulate is not None and not args.simulate.strip():
         from vfiopy.simulate import NO_TOPOLOGY
 
