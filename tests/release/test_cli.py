@@ -23,7 +23,8 @@ from release_helpers import (
 )
 
 from vfiopy.release import DomainResult, ObservedReset, Report, acquire
-from vfiopy.release.cli import main, summary
+from vfiopy.release._clirun import summary
+from vfiopy.release.cli import main
 from vfiopy.session import Session
 
 
@@ -434,7 +435,7 @@ def test_progress_line_per_domain() -> None:
     import io
 
     from vfiopy.release import DeviceResult, DomainResult, Status
-    from vfiopy.release.cli import _Progress
+    from vfiopy.release._clirun import _Progress
 
     buf = io.StringIO()
     p = _Progress(buf, 2)

@@ -244,12 +244,12 @@ def test_an_internal_error_is_still_one_json_document(
 def test_an_error_after_the_report_adds_no_second_document(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vfiopy.release import cli
+    from vfiopy.release import _clirun
 
     def broken(*_: Any) -> list[str]:
         raise RuntimeError("a bug after the report")
 
-    monkeypatch.setattr(cli, "_sim_summary", broken)
+    monkeypatch.setattr(_clirun, "_sim_summary", broken)
     capsys.readouterr()
     code = main(["--json", "--simulate", "gpus:1,scale=0", "0000:03:00.0", "0000:03:00.1"])
     out, err = capsys.readouterr()

@@ -19,7 +19,7 @@ from test_cli import check_schema, run
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from vfiopy.release import cli
+    from vfiopy.release import _clirun, cli
     from vfiopy.simulate import simulated_kernel
     from vfiopy.sysfs import VFIO_DRIVER, Sysfs
 
@@ -27,7 +27,7 @@ CHILD = textwrap.dedent(
     kernel = simulated_kernel("gpus:2,scale=0.02")
     s = Sysfs(kernel)
     addrs = [str(a) for a in s.devices() if s.driver(a) == VFIO_DRIVER]
-    run = cli._Signals.run
+    run = _clirun._Signals.run
 
     def signalled(self, main):
         if when == "before":
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(
             os.kill(os.getpid(), sig)
         return report
 
-    cli._Signals.run = signalled
+    _clirun._Signals.run = signalled
     sys.exit(cli.main([*addrs, "--json"], kernel=kernel))
     """
 )

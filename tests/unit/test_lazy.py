@@ -58,23 +58,50 @@ HEAVY = ("asyncio", "structlog", "vfiopy._uapi_cffi", "vfiopy.session")
 # and the benchmark's targets, none of which its usage needs.
 BENCH_HEAVY = (*HEAVY, "vfiopy.bench._modes", "vfiopy.release", "dataclasses")
 
+# The release's usage is vfiopy.release.cli alone: the run (with anyio, dataclasses, the
+# engine, the report, the takeover and the kernel model) is imported once the arguments are read.
+RELEASE_HEAVY = (
+    *HEAVY,
+    "anyio",
+    "dataclasses",
+    "logging",
+    "vfiopy._log",
+    "vfiopy.errors",
+    "vfiopy.kmodel",
+    "vfiopy.release._clirun",
+    "vfiopy.release._engine",
+    "vfiopy.release._report",
+    "vfiopy.release._takeover",
+)
+
 
 @pytest.mark.parametrize(
-    ("tool", "heavy"),
-    [("vfiopy.release.cli", HEAVY), ("vfiopy.bench._cli", BENCH_HEAVY)],
+    ("tool", "argv", "status", "heavy"),
+    [
+        ("vfiopy.release.cli", ["--help"], 0, RELEASE_HEAVY),
+        # argparse's own usage error, without --json (whose document is the report's)
+        ("vfiopy.release.cli", ["--max-parallel", "many"], 2, RELEASE_HEAVY),
+        ("vfiopy.bench._cli", ["--help"], 0, BENCH_HEAVY),
+    ],
 )
-def test_help_imports_nothing_heavy(tool: str, heavy: tuple[str, ...]) -> None:
+def test_usage_imports_nothing_heavy(
+    tool: str, argv: list[str], status: int, heavy: tuple[str, ...]
+) -> None:
     code = (
         "import contextlib, io, sys\n"
         f"from {tool} import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-        "    main(['--help'])\n"
+        "out, err = io.StringIO(), io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        f"    status = main({argv!r})\n"
+        "print(status, bool((out.getvalue() + err.getvalue()).startswith('usage: ')))\n"
         f"print(' '.join(m for m in {heavy!r} if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.split() == []
+    said, loaded = out.split("\n", 1)
+    assert said.split() == [str(status), "True"]
+    assert loaded.split() == []
 
 
 def test_a_quiet_release_imports_no_structlog() -> None:

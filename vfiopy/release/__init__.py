@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vfiopy.release._engine import DEFAULT_MAX_PARALLEL as DEFAULT_MAX_PARALLEL
+    from vfiopy.release._constants import DEFAULT_MAX_PARALLEL as DEFAULT_MAX_PARALLEL
+    from vfiopy.release._constants import SCHEMA as SCHEMA
     from vfiopy.release._engine import ProgressFn as ProgressFn
     from vfiopy.release._manager import AcquireError as AcquireError
     from vfiopy.release._manager import acquire as acquire
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from vfiopy.release._plan import UsageError as UsageError
     from vfiopy.release._plan import find_holders as find_holders
     from vfiopy.release._plan import make_plan as make_plan
-    from vfiopy.release._report import SCHEMA as SCHEMA
     from vfiopy.release._report import DeviceResult as DeviceResult
     from vfiopy.release._report import DomainResult as DomainResult
     from vfiopy.release._report import ObservedReset as ObservedReset
@@ -45,7 +45,8 @@ else:
     __getattr__, __dir__, _ = lazy_exports(
         globals(),
         {
-            "vfiopy.release._engine": ("DEFAULT_MAX_PARALLEL", "ProgressFn"),
+            "vfiopy.release._constants": ("DEFAULT_MAX_PARALLEL", "SCHEMA"),
+            "vfiopy.release._engine": ("ProgressFn",),
             "vfiopy.release._manager": (
                 "AcquireError",
                 "acquire",
@@ -64,7 +65,6 @@ else:
                 "make_plan",
             ),
             "vfiopy.release._report": (
-                "SCHEMA",
                 "DeviceResult",
                 "DomainResult",
                 "ObservedReset",

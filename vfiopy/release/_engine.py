@@ -25,14 +25,10 @@ from typing import Any
 import anyio
 
 from vfiopy._log import get_logger
+from vfiopy.release._constants import DEFAULT_MAX_PARALLEL
 from vfiopy.release._report import DeviceResult, DomainResult, Report, Status, describe
 
 log = get_logger("vfiopy.release")
-
-DEFAULT_MAX_PARALLEL = 4096
-"""Worker threads at most (one per reset domain below it).  Each one sleeps in the kernel
-for a reset, so threads are cheap; a cap below the domain count turns one reset of time
-into several rounds (2048 VFs behind a cap of 256 take 8 FLRs)."""
 
 ProgressFn = Callable[[str, DomainResult, Sequence[DeviceResult]], None]
 """Called on the event loop as ``(phase, domain, devices)``, phase ``start`` or ``end``."""

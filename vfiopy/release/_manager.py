@@ -19,7 +19,8 @@ import anyio.to_thread
 from vfiopy._log import get_logger
 from vfiopy.errors import VfioError
 from vfiopy.kernel import Kernel
-from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
+from vfiopy.release._constants import DEFAULT_MAX_PARALLEL
+from vfiopy.release._engine import DomainJob, ProgressFn, Step, run_domains
 from vfiopy.release._plan import Domain, Plan, PlanError, find_holders, make_plan
 from vfiopy.release._report import DeviceResult, DomainResult, Report, Status
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = 1
+from vfiopy.release._constants import SCHEMA
 
 
 class Status(enum.StrEnum):

@@ -25,7 +25,8 @@ from vfiopy._log import get_logger
 from vfiopy.errors import ProcessError
 from vfiopy.kernel import POLLIN, Kernel
 from vfiopy.kmodel import label as reset_label
-from vfiopy.release._engine import DEFAULT_MAX_PARALLEL, DomainJob, ProgressFn, Step, run_domains
+from vfiopy.release._constants import DEFAULT_MAX_PARALLEL
+from vfiopy.release._engine import DomainJob, ProgressFn, Step, run_domains
 from vfiopy.release._plan import Plan, UsageError, make_plan
 from vfiopy.release._process import (
     ProcessGone,
