@@ -11,7 +11,9 @@ lower bound all ask it.  It predicts, from sysfs and a kernel version:
   mutex, with the PF's other VFs;
 * the **reset at open** (``vfio_pci_core_enable``): one function reset when
   the function has one (``pci_try_reset_function``; its success is
-  ``reset_works``);
+  ``reset_works``): the first of its ``reset_method`` list that applies, or,
+  before Linux 5.15 (no such attribute, d88f521da3ef), the first of the
+  kernel's fixed order (FLR, AF FLR, PM, bus) its config space offers;
 * the **resets at each close** (``vfio_pci_core_disable``): the function reset
   again when ``reset_works``, which clears the device's ``needs_reset``; then,
   at the set's last close, one bus or slot reset when some device of the set
@@ -44,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vfiopy.errors import SysfsError
+from vfiopy.pci import CapId, walk_capabilities
 from vfiopy.sysfs import VFIO_DRIVER, PciAddress, Sysfs
 
 KernelVersion = tuple[int, int]
@@ -53,6 +56,9 @@ DEVSET_LOCKING: KernelVersion = (5, 0)  # e309df5b0c9e: a lock per bus/slot, not
 RESET_DELAY_BY_LINK: KernelVersion = (6, 3)  # ac91e6980563: no fixed 1 s after a bus reset
 VF_OWN_DEVSET: KernelVersion = (6, 17)  # e908f58b6beb: a VF is a device set of its own
 FDINFO_SYSPATH: KernelVersion = (6, 18)  # 1e736f148956: vfio-device-syspath in fdinfo
+# d88f521da3ef: the reset_method attribute.  Before it the order is fixed (device-specific,
+# FLR, AF FLR, PM, slot/bus) and the model reads what the function has from config space.
+RESET_METHOD_ATTR: KernelVersion = (5, 15)
 # Driver-facing VFIO interfaces: before each, the kernel answers ENOTTY.
 IOEVENTFD: KernelVersion = (4, 17)  # 30656177c408: VFIO_DEVICE_IOEVENTFD
 LOW_POWER: KernelVersion = (6, 1)  # cc2742fe3660, 453e6c98fd2b: LOW_POWER_ENTRY/_EXIT/_WITH_WAKEUP
@@ -91,6 +97,34 @@ def running_version(sysfs: Sysfs | None = None) -> KernelVersion:
         if found is not None:
             return found
     return parse_release(os.uname().release) or DEVSET_LOCKING
+
+
+def fixed_reset_order(config: bytes) -> tuple[str, ...]:
+    """The reset methods a kernel before 5.15 tries, in its order, from a config-space image.
+
+    ``pcie_has_flr`` (PCIe Device Capabilities FLR), ``pci_af_flr`` (Advanced Features with
+    TP and FLR), ``pci_pm_reset`` (a PM capability whose PMCSR has No_Soft_Reset clear), then
+    the slot or bus reset, which ``function_reset`` allows only for a function alone on its
+    bus.  Device-specific quirks are not modelled.  A short image (64 bytes, what a non-root
+    user reads) shows no capability: only the bus reset is left.
+    """
+    methods: list[str] = []
+    caps = {c.id: c.offset for c in reversed(walk_capabilities(config)) if not c.extended}
+
+    def word(off: int, n: int) -> int:
+        return int.from_bytes(config[off : off + n], "little")
+
+    exp = caps.get(CapId.EXP)
+    if exp is not None and word(exp + 4, 4) & (1 << 28):  # PCI_EXP_DEVCAP_FLR
+        methods.append("flr")
+    af = caps.get(CapId.AF)
+    if af is not None and word(af + 3, 1) & 0x3 == 0x3:  # PCI_AF_CAP_TP | PCI_AF_CAP_FLR
+        methods.append("af_flr")
+    pm = caps.get(CapId.PM)
+    if pm is not None and not word(pm + 4, 2) & 0x8:  # PCI_PM_CTRL_NO_SOFT_RESET
+        methods.append("pm")
+    methods.append("bus")
+    return tuple(methods)
 
 
 def format_version(version: KernelVersion) -> str:
@@ -255,6 +289,10 @@ class KernelModel:
         try:
             driver = s.driver(a)
             cls = s.class_code(a) >> 8
+            if self.version < RESET_METHOD_ATTR:
+                methods = fixed_reset_order(self._config(a))
+            else:
+                methods = tuple(s.reset_methods(a))
             return Function(
                 a,
                 s.parent_bridge(a),
@@ -262,10 +300,18 @@ class KernelModel:
                 self.is_vfio_driver(driver),
                 s.is_virtfn(a),
                 cls in (0x0604, 0x0609),
-                tuple(s.reset_methods(a)),
+                methods,
             )
         except SysfsError:
             return None
+
+    def _config(self, a: PciAddress) -> bytes:
+        """The config space sysfs shows, or nothing when it cannot be read: the fixed order
+        then leaves only the bus reset."""
+        try:
+            return self.sysfs.config(a)
+        except SysfsError:
+            return b""
 
     def _tree(self) -> dict[PciAddress | None, list[PciAddress]]:
         if self._children is None:

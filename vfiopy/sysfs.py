@@ -9,7 +9,9 @@ attribute; listings skip entries they cannot parse instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -363,6 +365,25 @@ class Sysfs:
                 return []
             raise
         return [m for m in text.split() if _RESET_METHOD_RE.fullmatch(m)]
+
+    def config(self, addr: PciAddress | str, size: int = 0x100) -> bytes:
+        """Up to ``size`` bytes of the device's config space from its sysfs ``config`` file.
+
+        The kernel shows all of it to root and the first 64 bytes to anyone else.
+        """
+        a = PciAddress.of(addr)
+        path = self.path(a, "config")
+        try:
+            fd = self.kernel.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise self._gone_or(a, exc, "read config", path) from exc
+        try:
+            return self.kernel.pread(fd, size, 0)
+        except OSError as exc:
+            raise self._gone_or(a, exc, "read config", path) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                self.kernel.close(fd)
 
     def set_reset_methods(self, addr: PciAddress | str, methods: list[str]) -> None:
         """Enable exactly ``methods`` (in that order); an empty list disables resets."""

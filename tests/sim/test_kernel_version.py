@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from mock_vfio import Machine, load_topology
 
+from vfiopy import Session
+from vfiopy._uapi import Extension
 from vfiopy.simulate import SimSpec, machine_of, parse_spec, simulated_kernel
 
 from .conftest import NICS, SCALE, open_device
@@ -119,3 +121,25 @@ def test_kernel_option_takes_a_version_or_a_model() -> None:
     m = machine_of(simulated_kernel("vfs:4,kernel=6.16"))
     assert m is not None and not m.vf_own_devset
     m.close()
+
+
+@pytest.mark.parametrize("version", [(5, 10), (6, 1)], ids=["5.10", "6.1"])
+def test_type1_unmap_all_and_page_sizes_by_version(version: tuple[int, int]) -> None:
+    """VFIO_UNMAP_ALL and VFIO_UPDATE_VADDR from 5.12; intel-iommu's real page sizes from
+    5.15 (before, every power of two from 4 KiB): as the guest's 5.10 and 6.1 answer."""
+    m = Machine(load_topology("qemu-vmtest"), time_scale=SCALE, kernel_version=version)
+    try:
+        with Session(m.spawn()) as session:
+            session.open_device(NICS[0])
+            c = session.container
+            assert c is not None
+            new = version >= (5, 12)
+            assert c.check_extension(Extension.UNMAP_ALL) is new
+            assert c.check_extension(Extension.UPDATE_VADDR) is new
+            old_pgsizes = 0xFFFF_FFFF_FFFF_F000
+            assert c.info().pgsizes == (0x40201000 if version >= (5, 15) else old_pgsizes)
+            c.map_dma(0x1000_0000, 0, 0x1000)
+            c.map_dma(0x1000_1000, 1 << 20, 0x1000)
+            assert c.unmap_all() == 0x2000  # one ioctl from 5.12, else one per mapping
+    finally:
+        m.close()

@@ -9,7 +9,7 @@ from mock_vfio import Machine, load_topology
 from mock_vfio.topology_load import parse_toml
 
 from vfiopy.kernel import Kernel
-from vfiopy.kmodel import KernelModel, label
+from vfiopy.kmodel import KernelModel, fixed_reset_order, label
 from vfiopy.release import release
 from vfiopy.release._plan import make_plan
 from vfiopy.session import Session
@@ -177,3 +177,44 @@ def test_vfs_share_the_bus_set_before_6_17(
     assert len(set(released.values())) == len(sets)
     assert [e.method for e in m.resets(cause="release")] == ["flr"] * 4
     assert not m.resets(kind="bus")
+
+
+@pytest.mark.parametrize("version", [(5, 10), (6, 1)], ids=["5.10", "6.1"])
+async def test_before_5_15_the_fixed_order_resets_what_reset_method_disabled(
+    machine: list[Machine], version: tuple[int, int]
+) -> None:
+    """The guest's pair: reset_method "" (no function reset) from 5.15; before, no attribute,
+    and the kernel's fixed order gives each function its PM reset, so the set's bus reset is
+    never needed."""
+    m = _machine_of(machine, "qemu-vmtest", version)
+    pair = ["0000:07:00.0", "0000:07:00.1"]
+    old = version < (5, 15)
+    assert m.spawn().exists("/sys/bus/pci/devices/0000:01:00.0/reset_method") != old
+    model = _model(m.spawn())
+    assert model.function("0000:01:00.0").methods == (("pm", "bus") if old else ("bus",))
+    assert model.function_reset(pair[0]) == ("pm" if old else None)
+    (p,) = model.closes(pair)
+    assert [label(s) for s in p.steps] == (["pm", "pm"] if old else [None, "bus"])
+    assert await _traced_release(m, pair) == ([["pm"], ["pm"]] if old else [[], ["bus"]])
+    assert await _traced_release(m, ["0000:01:00.0"]) == [["pm" if old else "bus"]]
+
+
+def test_fixed_order_reads_the_capabilities() -> None:
+    """FLR in PCIe DevCap, AF with TP and FLR, PM without No_Soft_Reset, then the bus; a
+    64-byte image (what a non-root user reads) shows no capability."""
+    cfg = bytearray(256)
+    cfg[0x06] = 0x10  # status: capability list
+    cfg[0x34] = 0x40
+    cfg[0x40:0x42] = bytes([0x01, 0x50])  # PM, next 0x50
+    cfg[0x50:0x52] = bytes([0x13, 0x60])  # AF, next 0x60
+    cfg[0x53] = 0x3  # TP | FLR
+    cfg[0x60:0x62] = bytes([0x10, 0x00])  # PCIe, last
+    cfg[0x64:0x68] = (1 << 28).to_bytes(4, "little")
+    assert fixed_reset_order(bytes(cfg)) == ("flr", "af_flr", "pm", "bus")
+    cfg[0x44] = 0x08  # PMCSR No_Soft_Reset
+    cfg[0x53] = 0x1  # TP without FLR
+    cfg[0x64:0x68] = bytes(4)
+    assert fixed_reset_order(bytes(cfg)) == ("bus",)
+    cfg[0x44] = 0
+    assert fixed_reset_order(bytes(cfg[:64])) == ("bus",)
+    assert fixed_reset_order(bytes(cfg)) == ("pm", "bus")

@@ -64,7 +64,7 @@ def test_every_kind_probes_its_first_function_the_kernel_has() -> None:
 
 
 def test_the_bus_kind_falls_back_when_the_hook_is_absent() -> None:
-    present = ALL_FUNCS - {"pcibios_reset_secondary_bus", "pci_af_flr"}
+    present = ALL_FUNCS - {"pcibios_reset_secondary_bus", "pci_af_flr", "pci_dev_wait"}
     probes, missing = guest_trace.choose_probes(btf_blob(), present)
     assert missing == ("af_flr",)
     bus = next(p for p in probes if p.kind == "bus")
@@ -128,3 +128,54 @@ def test_a_void_return_is_a_completed_reset(monkeypatch: pytest.MonkeyPatch) -> 
     (ev,) = guest_trace.parse(lines)
     assert (ev.kind, ev.dev, ev.ret, ev.ok) == ("bus", "0000:00:04.0", 0, True)
     assert ev.wait is not None and abs(ev.wait - 0.099999) < 1e-9
+
+
+def test_a_method_answering_enotty_reset_nothing() -> None:
+    """Before 5.15 a function reset calls pcie_flr, pci_af_flr and pci_pm_reset in turn until
+    one applies: the calls that answered -ENOTTY are not resets."""
+    entry = '  python3-9 [000] ..... {ts}: {kind}: ({kind}+0x0/0x10) dev="0000:07:00.0" probe=0x0'
+    ret = "  python3-9 [000] ..... {ts}: {kind}_ret: (x+0x1/0x2 <- {kind}) ret={ret}"
+    lines = [
+        entry.format(ts="1.0", kind="function"),
+        entry.format(ts="1.1", kind="af_flr"),
+        ret.format(ts="1.2", kind="af_flr", ret=-25),
+        entry.format(ts="1.3", kind="pm"),
+        ret.format(ts="1.4", kind="pm", ret=0),
+        ret.format(ts="1.5", kind="function", ret=0),
+    ]
+    events = guest_trace.parse(lines)
+    assert [(e.kind, e.ret) for e in events] == [("function", 0), ("pm", 0)]
+    assert guest_trace.performed(events) == [("pm", ("0000:07:00.0",))]
+
+
+def test_an_inlined_method_is_seen_at_its_readiness_wait() -> None:
+    """Debian's 5.10 inlines pci_pm_reset everywhere: the pm kind probes pci_dev_wait and keeps
+    the waits whose reset_type is the PM reset's."""
+    probes, missing = guest_trace.choose_probes(btf_blob(), ALL_FUNCS - {"pci_pm_reset"})
+    assert missing == ()
+    pm = next(p for p in probes if p.kind == "pm")
+    assert (pm.func, pm.probe_arg, pm.reset_type) == ("pci_dev_wait", False, "PM D3hot->D0")
+    facts = guest_trace.KernelFacts(200, probes, ())
+    entry = {kind: e for kind, e, _ in guest_trace._probe_defs(facts)}
+    assert entry["pm"] == (
+        "p:vfiopy/pm pci_dev_wait dev=+0(+200($arg1)):string type=+0($arg2):string"
+    )
+    wait = '  python3-9 [000] ..... {ts}: pm: (pci_dev_wait+0x0/0xd0) dev="{dev}" type="{type}"'
+    ret = "  python3-9 [000] ..... {ts}: pm_ret: (x+0x1/0x2 <- pci_dev_wait) ret=0"
+    fn = (
+        '  python3-9 [000] ..... {ts}: function: (__pci_reset_function_locked+0x0/0x10) dev="{dev}"'
+    )
+    fn_ret = "  python3-9 [000] ..... {ts}: function_ret: (x+0x1/0x2 <- __pci_reset_function_locked) ret=0"
+    lines = [
+        fn.format(ts="0.98", dev="0000:01:00.0"),
+        wait.format(ts="1.0", dev="0000:01:00.0", type="PM D3hot->D0"),
+        ret.format(ts="1.1"),
+        fn_ret.format(ts="1.2"),
+        wait.format(ts="2.0", dev="0000:02:00.0", type="bus reset"),  # not a PM reset
+        ret.format(ts="2.1"),
+    ]  # fmt: skip
+    events = guest_trace.parse(lines)
+    assert guest_trace.performed(events) == [("pm", ("0000:01:00.0",))]
+    # the PM reset's interval: from the function reset's start to the end of its wait
+    (pm,) = [e for e in events if e.kind == "pm"]
+    assert (pm.start, pm.end) == (0.98, 1.1)

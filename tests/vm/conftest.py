@@ -23,6 +23,9 @@ sys.path.insert(0, str(REPO / "tools" / "vmtest"))
 
 import vmtest  # noqa: E402
 
+from vfiopy import Sysfs  # noqa: E402
+from vfiopy.kmodel import KernelModel, KernelVersion, Reset, parse_release  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def vm_available() -> None:
@@ -164,3 +167,82 @@ def conformance_results(guests: Guests) -> dict[str, Any]:
     )
     doc: dict[str, Any] = json.loads(result.stdout)
     return dict(doc["results"])
+
+
+def booted_version() -> KernelVersion:
+    """MAJOR.MINOR of the kernel the guest boots (the host's, or $VFIOPY_VMTEST_KERNEL)."""
+    version = parse_release(vmtest.find_kernel().release)
+    assert version is not None, vmtest.find_kernel()
+    return version
+
+
+@pytest.fixture(scope="session")
+def model(vm_available: None) -> Iterator[KernelModel]:
+    """vfiopy's kernel model of the booted kernel's version over the guest's simulated twin
+    (the qemu-vmtest topology): what the tests expect of resets comes from it, so a kernel
+    whose rules differ (no reset_method before 5.15, ...) is asserted against its own rules."""
+    from mock_vfio import Machine, load_topology
+
+    version = booted_version()
+    machine = Machine(load_topology("qemu-vmtest"), time_scale=0.0, kernel_version=version)
+    try:
+        yield KernelModel(Sysfs(machine.spawn(name="model")), version)
+    finally:
+        machine.close()
+
+
+def _counts(resets: Sequence[tuple[Reset, bool]], addr: str) -> dict[str, int]:
+    """guest_trace's view of ``resets`` (each with whether it is a function reset) on ``addr``:
+    ``function`` counts its function resets (``__pci_reset_function_locked``, any method),
+    ``bus`` the bus or slot resets hitting it, run by a function reset or by its device set."""
+    mine = [(r, fn) for r, fn in resets if addr in {str(t) for t in r.targets}]
+    return {
+        "bus": sum(r.method in ("bus", "slot") for r, _ in mine),
+        "function": sum(fn for _, fn in mine),
+    }
+
+
+def open_counts(model: KernelModel, addr: str) -> dict[str, int]:
+    """The resets the first open of ``addr`` runs."""
+    reset = model.open_reset(addr)
+    return _counts([(reset, True)] if reset else [], addr)
+
+
+def close_counts(
+    model: KernelModel, closing: Sequence[str], addr: str, steps: slice = slice(None)
+) -> dict[str, int]:
+    """The resets ``addr`` sees while ``closing`` (all open) are closed in this order; only
+    those of the closes in ``steps`` when given (``slice(1, 2)``: the second close)."""
+    resets: list[tuple[Reset, bool]] = []
+    pairs = list(zip(closing, model.close_steps(closing), strict=True))
+    for closed, (_, step) in pairs[steps]:
+        has_function_reset = model.function_reset(closed) is not None
+        resets += [(r, has_function_reset and i == 0) for i, r in enumerate(step)]
+    return _counts(resets, addr)
+
+
+def summed(*counts: dict[str, int]) -> dict[str, int]:
+    return {k: sum(c[k] for c in counts) for k in ("bus", "function")}
+
+
+def _secondary_bus(method: str) -> str:
+    # A slot reset is the hotplug port's secondary bus reset: the guest's root ports have
+    # hotplug slots (pciehp resets through them), the simulated twin's have none.
+    return "bus" if method == "slot" else method
+
+
+def predicted_resets(
+    model: KernelModel, sets: Sequence[Sequence[str]]
+) -> list[tuple[str, list[str]]]:
+    """(method, devices it hits) of each reset the model says closing every device of each of
+    ``sets`` runs (those of a set closed together, the others idle), sorted."""
+    out = []
+    for members in sets:
+        for _, step in model.close_steps(members):
+            out += [(_secondary_bus(r.method), sorted(str(t) for t in r.targets)) for r in step]
+    return sorted(out)
+
+
+def performed_resets(events: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(method, devices it hit) of each reset event guest_vmm.resets() listed, sorted."""
+    return sorted((_secondary_bus(e["via"] or e["kind"]), sorted(e["affected"])) for e in events)

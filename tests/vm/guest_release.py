@@ -43,8 +43,9 @@ time.sleep(600)
 
 
 def resets(events: Sequence[guest_trace.ResetEvent], bdfs: Sequence[str]) -> dict[str, Any]:
-    """Per device: bus resets that hit it and function resets of it; and the bus events."""
-    return {
+    """Per device: bus resets that hit it and function resets of it; and the bus and the
+    function reset events."""
+    out: dict[str, Any] = {
         "counts": {
             bdf: {
                 "bus": guest_trace.bus_resets_of(events, bdf, only_ok=False),
@@ -52,19 +53,11 @@ def resets(events: Sequence[guest_trace.ResetEvent], bdfs: Sequence[str]) -> dic
             }
             for bdf in bdfs
         },
-        "bus": [
-            {
-                "dev": e.dev,
-                "affected": list(e.affected),
-                "start": e.start,
-                "end": e.end,
-                "ret": e.ret,
-                "pid": e.pid,
-            }
-            for e in events
-            if e.kind == "bus" and set(e.affected) & set(bdfs)
-        ],
     }
+    for kind in ("bus", "function"):
+        mine = [e for e in events if e.kind == kind and set(e.affected) & set(bdfs)]
+        out[kind] = guest_trace.to_json(mine)
+    return out
 
 
 def observed(report: Report, events: Sequence[guest_trace.ResetEvent]) -> dict[str, Any]:

@@ -25,22 +25,13 @@ from qemu_vmm import QmpError, Vmm, iommu_group
 
 
 def resets(bdfs: Sequence[str]) -> dict[str, Any]:
-    """The resets recorded since the last clear that touched `bdfs`."""
-    events = guest_trace.read()
+    """The resets recorded since the last clear that touched `bdfs`: the bus resets, every
+    reset performed (`methods`: bus, pm, flr, ...; `via` "slot" on a slot's bus reset) and the
+    function resets (calls of the kernel's function reset path) per device."""
+    events = [e for e in guest_trace.read() if set(e.affected) & set(bdfs)]
     return {
-        "bus": [
-            {
-                "dev": e.dev,
-                "affected": list(e.affected),
-                "start": e.start,
-                "end": e.end,
-                "ret": e.ret,
-                "pid": e.pid,
-                "comm": e.comm,
-            }
-            for e in events
-            if e.kind == "bus" and set(e.affected) & set(bdfs)
-        ],
+        "bus": guest_trace.to_json([e for e in events if e.kind == "bus"]),
+        "methods": guest_trace.to_json([e for e in events if e.kind in guest_trace.METHOD_KINDS]),
         "function": {
             b: sum(1 for e in events if e.kind == "function" and e.dev == b) for b in bdfs
         },

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 IOVA_RANGES = ((0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1))  # x86: MSI window reserved
 IOVA_PGSIZES = 0x40201000  # 4K | 2M | 1G, as intel-iommu reports
+IOVA_PGSIZES_OLD = ~0xFFF & (1 << 64) - 1  # intel-iommu before 5.15: any power of two from 4K
 
 
 def min_pgsize(machine: Machine) -> int:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from mock_vfio.hostdrv import HostDrivers
 from mock_vfio.hugetlb import HugetlbPool
 from mock_vfio.iov import set_numvfs
-from mock_vfio.iova import IOVA_PGSIZES
+from mock_vfio.iova import IOVA_PGSIZES, IOVA_PGSIZES_OLD
 from mock_vfio.pci import Bridge, Device
 from mock_vfio.pci_driver import add_function
 from mock_vfio.topology import Topology
@@ -25,6 +25,7 @@ from mock_vfio.topology_load import load_topology
 from mock_vfio.trace import Counters, Event, Faults, now, oserror, thread_name
 from mock_vfio.version import (
     DEFAULT_KERNEL_VERSION,
+    IOMMU_REAL_PGSIZES,
     MSIX_DYNAMIC,
     VF_OWN_DEVSET,
     KernelVersion,
@@ -58,7 +59,7 @@ class Machine:
         bus_master_feature: bool = False,
         msix_sparse: bool = False,
         msix_dynamic: bool | None = None,
-        iova_pgsizes: int = IOVA_PGSIZES,
+        iova_pgsizes: int | None = None,
         hugepages: dict[int, int] | None = None,
         io_strict_devmem: bool = True,
     ) -> None:
@@ -98,6 +99,9 @@ class Machine:
         self.virqfds = Virqfds()  # the kernel's eventfd listeners (INTx unmask, ioeventfds)
         # The IOMMU's page sizes (VFIO_IOMMU_GET_INFO's iova_pgsizes): the smallest one is
         # the alignment type1 and an attached IOAS require.
+        if iova_pgsizes is None:
+            old = kernel_version < IOMMU_REAL_PGSIZES
+            iova_pgsizes = IOVA_PGSIZES_OLD if old else IOVA_PGSIZES
         if iova_pgsizes <= 0:
             raise ValueError(f"iova_pgsizes must be a non-empty bitmap, not {iova_pgsizes:#x}")
         self.iova_pgsizes = iova_pgsizes

@@ -21,7 +21,7 @@ from mock_vfio.config import (
 from mock_vfio.pci_reset import default_reset_methods, function_reset
 from mock_vfio.topology import Bar, BridgeSpec, FunctionSpec, split_addr
 from mock_vfio.uapi import PAGE, page_align
-from mock_vfio.version import VFIO_PCI_CORE, KernelVersion
+from mock_vfio.version import RESET_METHOD_ATTR, VFIO_PCI_CORE, KernelVersion
 from mock_vfio.vfio_pci_mmap import BarMaps, RwSem, fault_in_bars, zap_bars
 
 if TYPE_CHECKING:
@@ -61,18 +61,21 @@ class Device:
         self.group_id = spec.iommu_group
         self.driver: str | None = spec.driver
         self.driver_override: str | None = None
+        # What an admin wrote to reset_method; before 5.15 there is no such attribute and the
+        # kernel's own order applies.
+        admin_set = machine.kernel_version >= RESET_METHOD_ATTR
         self.reset_methods: list[str] = list(
             spec.reset_method_set
-            if spec.reset_method_set is not None
+            if spec.reset_method_set is not None and admin_set
             else default_reset_methods(self)
         )
         self.devset: DevSet | None = None
         self.removed = False
-        self.open_count = 0
+        self.open_count: int = 0
         self.unbinding = False  # an unbind waits for the last release (vfio_pci_core_request)
         self.needs_reset = False
         self.reset_works = False
-        self.low_power = False
+        self.low_power: bool = False
         self.minor = -1  # vfio cdev minor, /dev/vfio/devices/vfio<minor>
         self._config: ConfigSpace | None = None
         self._bar_mem: dict[int, mmap.mmap] = {}

@@ -15,6 +15,7 @@ from mock_vfio.pci_driver import remove_device
 from mock_vfio.pci_reset import default_reset_methods, function_reset, method_works
 from mock_vfio.trace import oserror
 from mock_vfio.uapi import PAGE
+from mock_vfio.version import RESET_METHOD_ATTR
 
 if TYPE_CHECKING:
     from mock_vfio.machine import Machine
@@ -160,8 +161,9 @@ def device_entry(m: Machine, dev: Device, name: str, depth: int) -> Node | None:
             lambda: (dev.driver_override or "(null)") + "\n", lambda v: _write_override(dev, v)
         )
     if name == "reset_method":
-        if not dev.reset_methods:
-            return None  # the attribute is hidden when no reset method is enabled
+        if not dev.reset_methods or m.kernel_version < RESET_METHOD_ATTR:
+            # hidden when no reset method is enabled; absent before 5.15 (fixed order)
+            return None
         return Attr(
             lambda: " ".join(dev.reset_methods) + "\n", lambda v: _write_reset_method(dev, v)
         )
@@ -257,6 +259,8 @@ def bridge_entry(m: Machine, br: Bridge, name: str, depth: int) -> Node | None:
         "numa_node": lambda: "-1\n",
         "reset_method": lambda: "pm\n",
     }
+    if name == "reset_method" and m.kernel_version < RESET_METHOD_ATTR:
+        return None
     if name in attrs:
         return Attr(attrs[name])
     if name == "iommu_group":

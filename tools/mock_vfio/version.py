@@ -28,6 +28,14 @@ MMIO_BLOCKING = (5, 8)
 # vfio_pci_core.ko: vfio-pci's core as a library, on which the variant drivers (mlx5_vfio_pci,
 # hisi_acc_vfio_pci, ...) register their devices as vfio-pci does (7fa005caa35e).
 VFIO_PCI_CORE = (5, 15)
+# type1's VFIO_UNMAP_ALL (c19650995374) and VFIO_UPDATE_VADDR (c3cbab24db38): before them
+# CHECK_EXTENSION says 0 and the flags are EINVAL.
+UNMAP_ALL_VADDR = (5, 12)
+# intel-iommu reports its real page sizes (a886d5a7e67b); before, every power of two from 4K.
+IOMMU_REAL_PGSIZES = (5, 15)
+# sysfs reset_method (d88f521da3ef): before it the attribute is absent and a function reset
+# tries the methods in a fixed order.
+RESET_METHOD_ATTR = (5, 15)
 # vfio-pci's per-device-set locking replaced the global driver_lock.
 DEVSET_LOCKING = (5, 0)
 # The reset path stopped taking every device set's lock at once.

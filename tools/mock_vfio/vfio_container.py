@@ -21,6 +21,7 @@ from mock_vfio.uapi import (
     put_caps,
     sizeof,
 )
+from mock_vfio.version import UNMAP_ALL_VADDR
 from vfiopy._uapi import (
     DmaMapFlag,
     DmaUnmapFlag,
@@ -98,6 +99,8 @@ class ContainerFile(File):
                 return 0
             if ext == lib.VFIO_DMA_CC_IOMMU and not self.machine.topology.iommu_coherent:
                 return 0
+            if ext in _UNMAP_ALL_VADDR and self.machine.kernel_version < UNMAP_ALL_VADDR:
+                return 0
             return 1 if ext in _TYPE1_EXTENSIONS else 0
         if request == Ioctl.SET_IOMMU:
             kind = int(arg) if isinstance(arg, int) else addr_of(arg)
@@ -148,7 +151,10 @@ class ContainerFile(File):
         check_argsz(a, ct, "size")
         p = as_struct(a, ct)
         flags = int(p.flags)
-        if flags & ~(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.VADDR):
+        known = DmaMapFlag.READ | DmaMapFlag.WRITE
+        if self.machine.kernel_version >= UNMAP_ALL_VADDR:
+            known |= DmaMapFlag.VADDR
+        if flags & ~known:
             raise oserror(errno.EINVAL, f"MAP_DMA flags {flags:#x}")
         prot = flags & (DmaMapFlag.READ | DmaMapFlag.WRITE)
         set_vaddr = bool(flags & DmaMapFlag.VADDR)
@@ -190,7 +196,9 @@ class ContainerFile(File):
         check_argsz(a, ct, "size")
         p = as_struct(a, ct)
         flags = int(p.flags)
-        allowed = DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.ALL | DmaUnmapFlag.VADDR
+        allowed = DmaUnmapFlag.GET_DIRTY_BITMAP
+        if self.machine.kernel_version >= UNMAP_ALL_VADDR:
+            allowed |= DmaUnmapFlag.ALL | DmaUnmapFlag.VADDR
         if flags & ~allowed or flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
             raise oserror(errno.EINVAL, f"UNMAP_DMA flags {flags:#x}")
         iova, size = int(p.iova), int(p.size)
@@ -226,6 +234,7 @@ class ContainerFile(File):
                 c.dma.clear()
 
 
+_UNMAP_ALL_VADDR = frozenset({Extension.UNMAP_ALL, Extension.UPDATE_VADDR})
 _TYPE1_EXTENSIONS = {
     Extension.TYPE1_IOMMU,
     Extension.TYPE1v2_IOMMU,

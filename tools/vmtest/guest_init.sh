@@ -58,7 +58,13 @@ for d in $VMTEST_UNBIND; do
 done
 for e in $VMTEST_RESET; do
 	d=${e%%=*}
-	echo "${e#*=}" > "/sys/bus/pci/devices/$d/reset_method" || say "cannot set reset_method=${e#*=} on $d"
+	f=/sys/bus/pci/devices/$d/reset_method
+	if [ ! -e "$f" ] && [ -e "/sys/bus/pci/devices/$d" ]; then
+		# Before Linux 5.15 there is no reset_method: the kernel's fixed order applies.
+		say "no reset_method in this kernel: $d keeps the kernel's own reset order, not '${e#*=}'"
+		continue
+	fi
+	echo "${e#*=}" > "$f" || say "cannot set reset_method=${e#*=} on $d"
 done
 : > $C/devices.tmp
 for d in $VMTEST_BIND; do
@@ -67,7 +73,8 @@ for d in $VMTEST_BIND; do
 	drv=-; grp=-; rm=-
 	[ -e "$p/driver" ] && drv=$(basename "$(readlink "$p/driver")")
 	[ -e "$p/iommu_group" ] && grp=$(basename "$(readlink "$p/iommu_group")")
-	[ -e "$p/reset_method" ] && rm=$(tr ' ' , < "$p/reset_method")
+	# "?": the kernel has no reset_method attribute (before 5.15); "-": no reset method.
+	if [ -e "$p/reset_method" ]; then rm=$(tr ' ' , < "$p/reset_method"); else rm='?'; fi
 	echo "$d $drv $grp ${rm:--}" >> $C/devices.tmp
 done
 mv $C/devices.tmp $C/devices

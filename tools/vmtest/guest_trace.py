@@ -14,7 +14,9 @@ The device name is read from `pci_dev->dev.kobj.name`; the offset of `dev` insid
 pci_dev` comes from the kernel's own BTF (/sys/kernel/btf/vmlinux), so no offsets are guessed.
 
 Which probes: chosen from what the running kernel has (see `choose_probes`). A function missing
-from /proc/kallsyms falls back to the next name for its kind, and a function that BTF says
+from /proc/kallsyms falls back to the next name for its kind (a reset method inlined everywhere,
+as pci_pm_reset is in Debian's 5.10, is seen at the pci_dev_wait it ends with, whose reset_type
+argument names it), and a function that BTF says
 returns void gets a return probe without `$retval`: since Linux 6.5 (fd26290ec89d, "tracing/probes:
 Add BTF retval type support") the kernel refuses such a probe ("This function returns 'void'
 type" in error_log), which is why Debian's 6.12 could not trace pcibios_reset_secondary_bus (void
@@ -33,7 +35,9 @@ Kinds (probed function -> kind):
   pci_reset_bus                   "reset_bus" a slot/bus reset request (vfio device set, hot reset)
   pcie_flr                        "flr"
   pci_af_flr                      "af_flr"    probe calls are dropped
-  pci_pm_reset                    "pm"        probe calls are dropped
+  pci_pm_reset                    "pm"        probe calls are dropped; so are calls answering
+                                              -ENOTTY (before 5.15 a function reset tries
+                                              flr, af_flr and pm in turn on any device)
   pciehp_reset_slot               "slot"      no event: marks the "bus" resets it runs (`via`),
                                               which `performed` reports as slot resets
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -67,23 +72,33 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 OFFSET_CACHE = Path("/tmp/vfiopy-guest-trace-offsets.json")
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
-# (kind, kernel functions in order of preference, has a `bool probe` second argument). The bus
-# kind falls back to pci_reset_secondary_bus, which the weak pcibios_ hook calls on x86, for a
-# kernel that has no out-of-line copy of the hook.
+# A method whose function the compiler inlined everywhere (Debian's 5.10 has no out-of-line
+# pci_pm_reset) is seen at its end instead: each method ends in pci_dev_wait(dev, reset_type,
+# timeout), whose reset_type string names it; the event then starts with the function reset
+# (__pci_reset_function_locked) that ran it in the same task.
+DEV_WAIT = "pci_dev_wait"
+WAIT_TYPES = {"flr": "FLR", "af_flr": "AF_FLR", "pm": "PM D3hot->D0"}
+# (kind, kernel functions in order of preference, whose first has a `bool probe` second
+# argument). The bus kind falls back to pci_reset_secondary_bus, which the weak pcibios_ hook
+# calls on x86, for a kernel that has no out-of-line copy of the hook.
 PROBES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("bus", ("pcibios_reset_secondary_bus", "pci_reset_secondary_bus"), False),
     ("bus_wait", ("pci_bridge_wait_for_secondary_bus",), False),
     ("function", ("__pci_reset_function_locked",), False),
     ("reset_bus", ("pci_reset_bus",), False),
-    ("flr", ("pcie_flr",), False),
-    ("af_flr", ("pci_af_flr",), True),
-    ("pm", ("pci_pm_reset",), True),
+    ("flr", ("pcie_flr", DEV_WAIT), False),
+    ("af_flr", ("pci_af_flr", DEV_WAIT), True),
+    ("pm", ("pci_pm_reset", DEV_WAIT), True),
     ("slot", ("pciehp_reset_slot",), True),
 )
 # Kinds whose function takes no pci_dev first (pciehp_reset_slot takes the hotplug slot): no
 # event of their own; a "bus" reset inside one in the same task is the slot's reset (pciehp
 # resets its port's secondary bus), which `performed` reports as "slot".
 SCOPE_KINDS = ("slot",)
+# Before 5.15 a function reset calls every method of its fixed order in turn, without a probe
+# call first, until one does not answer -ENOTTY (e20afa06244e, "PCI: Add array to track reset
+# method ordering", made it call only the device's methods): such a call reset nothing.
+TRIED_KINDS = ("flr", "af_flr", "pm")
 KALLSYMS = Path("/proc/kallsyms")
 KINDS = tuple(kind for kind, _, _ in PROBES if kind != "bus_wait" and kind not in SCOPE_KINDS)
 _ALL_KINDS = tuple(kind for kind, _, _ in PROBES)
@@ -215,6 +230,7 @@ class Probe:
     func: str
     probe_arg: bool  # the function's second argument is `bool probe`
     void: bool  # returns nothing: no `$retval` to fetch
+    reset_type: str | None = None  # a pci_dev_wait fallback: the reset_type its kind waits with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +267,16 @@ def choose_probes(blob: bytes, present: set[str]) -> tuple[tuple[Probe, ...], tu
         if func is None:
             missing.append(kind)
         else:
-            probes.append(Probe(kind, func, probe_arg, func in void))
+            wait = func == DEV_WAIT
+            probes.append(
+                Probe(
+                    kind,
+                    func,
+                    probe_arg and not wait,
+                    func in void,
+                    WAIT_TYPES[kind] if wait else None,
+                )
+            )
     return tuple(probes), tuple(missing)
 
 
@@ -326,6 +351,7 @@ def _probe_defs(facts: KernelFacts) -> list[tuple[str, str, str]]:
     for p in facts.probes:
         args = [] if p.kind in SCOPE_KINDS else [dev]
         args += ["probe=$arg2:u8"] if p.probe_arg else []
+        args += ["type=+0($arg2):string"] if p.reset_type else []
         # r64: up to 64 tasks inside the function at once (the default is max(10, 2 * CPUs));
         # a task beyond that would lose its return event.
         ret = f"r64:{GROUP}/{p.kind}_ret {p.func}" + ("" if p.void else " ret=$retval:s32")
@@ -443,6 +469,8 @@ def parse(lines: Iterable[str]) -> list[ResetEvent]:
             continue
         if args.get("probe", "0") not in ("0", "0x0"):
             continue  # a capability probe, not a reset
+        if "type" in args and args["type"] != WAIT_TYPES.get(kind):
+            continue  # pci_dev_wait after another kind of reset
         dev = args.get("dev", "?")
         if kind == "bus_wait":
             # Only the wait right after this task's reset of the same bridge belongs to it.
@@ -458,11 +486,17 @@ def parse(lines: Iterable[str]) -> list[ResetEvent]:
         else:
             affected = (dev,)
         via = next((k for k in SCOPE_KINDS if kind == "bus" and scopes.get((pid, k))), None)
-        pending[(pid, kind)] = (len(events), ts)
+        start = ts
+        if "type" in args:
+            # Seen at its closing wait: it started with the function reset running it.
+            outer, _ = pending.get((pid, "function"), (-1, 0.0))
+            if outer >= 0 and events[outer].dev == dev:
+                start = events[outer].start
+        pending[(pid, kind)] = (len(events), start)
         events.append(
-            ResetEvent(kind, dev, ts, None, None, pid, m["comm"].strip(), affected, via=via)
+            ResetEvent(kind, dev, start, None, None, pid, m["comm"].strip(), affected, via=via)
         )
-    return events
+    return [e for e in events if not (e.kind in TRIED_KINDS and e.ret == -errno.ENOTTY)]
 
 
 def read() -> list[ResetEvent]:
