@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 
@@ -46,6 +46,23 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.message = message
         super().error(message)  # usage and message on stderr, exit 2
+
+    def parse_or_exit(
+        self,
+        argv: Sequence[str] | None,
+        json_error: Callable[[str], None],
+        *,
+        intermixed: bool = False,
+    ) -> argparse.Namespace | int:
+        """The arguments, or the exit status of ``--help`` (0) or a usage error (2); a usage
+        error of a command line with ``--json`` is also a document, ``json_error(message)``."""
+        try:
+            return self.parse_intermixed_args(argv) if intermixed else self.parse_args(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+            if code == 2 and json_option(argv):
+                json_error(self.message)
+            return code
 
 
 class _NotParsed(Exception):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vfiopy._cliargs import JsonOut, Parser, finite, json_option, simulate_option, verbosity_options
+from vfiopy._cliargs import JsonOut, Parser, finite, simulate_option, verbosity_options
 from vfiopy.errors import AddressError
 from vfiopy.release.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 
@@ -197,14 +197,9 @@ def emit(args: argparse.Namespace, report: BindReport) -> int:
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the command line; ``kernel`` (a simulated process, in tests) replaces the system's."""
     out.reset()
-    parser = build_parser()
-    try:
-        args = parser.parse_intermixed_args(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        if code == EXIT_USAGE and json_option(argv):
-            _json_error("?", parser.message)
-        return code
+    args = build_parser().parse_or_exit(argv, lambda m: _json_error("?", m), intermixed=True)
+    if isinstance(args, int):
+        return args
     try:
         return _main(args, kernel)
     except Exception as exc:  # a bug: its traceback, and still one JSON document

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from vfiopy._cliargs import Parser, finite, json_option
+from vfiopy._cliargs import Parser, finite
 from vfiopy.release._constants import DEFAULT_MAX_PARALLEL, SCHEMA
 
 # Only the usage is here: the run (vfiopy.release._clirun, with anyio, structlog, the
@@ -164,18 +164,17 @@ def configure_logging(verbose: int, quiet: bool, stream: TextIO, defer: bool = F
 # --- main ---------------------------------------------------------------------------------
 
 
+def _json_error(message: str) -> None:
+    from vfiopy.release._clirun import json_error  # only for a usage error: --help stays light
+
+    json_error(message)
+
+
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the CLI; ``kernel`` (a simulated process, in tests) replaces the system's."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or argparse's own usage error (2)
-        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        if code == EXIT_USAGE and json_option(argv):
-            from vfiopy.release._clirun import json_error
-
-            json_error(parser.message)
-        return code
+    args = build_parser().parse_or_exit(argv, _json_error)
+    if isinstance(args, int):
+        return args
     from vfiopy.release._clirun import run
 
     return run(args, kernel)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from vfiopy._cliargs import Parser, json_option
+from vfiopy._cliargs import Parser
 from vfiopy.bind import cli as bind_cli
 from vfiopy.release.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 
@@ -81,14 +81,11 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None, kernel: Kernel | None = None) -> int:
     """Run the command line; ``kernel`` (a simulated process, in tests) replaces the system's."""
     bind_cli.out.reset()
-    parser = build_parser()
-    try:
-        args = parser.parse_intermixed_args(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        if code == EXIT_USAGE and json_option(argv):
-            bind_cli._json_error("?", parser.message)
-        return code
+    args = build_parser().parse_or_exit(
+        argv, lambda m: bind_cli._json_error("?", m), intermixed=True
+    )
+    if isinstance(args, int):
+        return args
     try:
         return _main(args, kernel)
     except Exception as exc:  # a bug: its traceback, and still one JSON document
