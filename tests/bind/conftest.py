@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import structlog
 
 mock_vfio = pytest.importorskip("mock_vfio")
 
@@ -19,14 +18,6 @@ TIME_SCALE = 0.01  # a NIC's 0.3 s probe takes 3 ms
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def _structlog_defaults() -> Iterator[None]:
-    # Before too: a CLI test elsewhere may have left structlog on a stream since closed.
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()  # the CLI tests configure structlog as the CLI does
 
 
 @pytest.fixture

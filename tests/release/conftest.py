@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from release_helpers import MachineFactory
 
 mock_vfio = pytest.importorskip("mock_vfio")
@@ -17,13 +16,6 @@ TIME_SCALE = 0.02
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def _structlog_defaults() -> Iterator[None]:
-    # The CLI tests configure structlog as the CLI does; undo it for the next test.
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -18,16 +18,6 @@ PAIR = ["0000:07:00.0", "0000:07:00.1"]
 EDU = "0000:08:01.0"
 
 
-@pytest.fixture(autouse=True)
-def _structlog_reset() -> Iterator[None]:
-    # A test here that runs a command line configures structlog on its captured stderr;
-    # a later test's worker threads would log to it after pytest closed it.
-    yield
-    import structlog
-
-    structlog.reset_defaults()
-
-
 @pytest.fixture
 def qemu() -> Iterator[Machine]:
     m = Machine(load_topology("qemu-vmtest"), time_scale=SCALE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import structlog
 
 mock_vfio = pytest.importorskip("mock_vfio")
 
@@ -15,14 +14,6 @@ from mock_vfio import Machine, SimProcess, load_topology  # noqa: E402
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(autouse=True)
-def _structlog_defaults() -> Iterator[None]:
-    # Before too: a CLI test elsewhere may have left structlog on a stream since closed.
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture
